@@ -1,0 +1,193 @@
+"""Typed ONNX -> engine directory, for TensorRT or ONNX Runtime, written atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtpipe import __version__
+from trtpipe.build.profile import build_profile, max_positions, onnx_io_specs
+from trtpipe.devices import Device, cuda_device_count
+from trtpipe.engine import (
+    PRECISIONS,
+    EngineDir,
+    Manifest,
+    ShapeRange,
+    TensorSpec,
+    atomic_directory,
+    sha256_file,
+    write_manifest,
+)
+from trtpipe.errors import BackendUnavailableError, InputError
+from trtpipe.export import ExportInfo, detect_task
+
+log = logging.getLogger(__name__)
+
+# Files copied next to the engine so the runtime can tokenize without the source model.
+SIDE_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+    "trtpipe_export.json",
+)
+BUILD_LOG = "build_log.json"
+
+
+@dataclass
+class BuildConfig:
+    """Everything ``trtpipe build`` accepts."""
+
+    onnx_path: Path
+    output: Path
+    precision: str = "fp32"
+    backend: str = "auto"
+    calib_texts: list[str] | None = None
+    min_shapes: dict[str, list[int]] = field(default_factory=dict)
+    opt_shapes: dict[str, list[int]] = field(default_factory=dict)
+    max_shapes: dict[str, list[int]] = field(default_factory=dict)
+    workspace_mb: int = 4096
+    optimization_level: int = 3
+    timing_cache: Path | None = None
+    device: Device | None = None
+    task: str | None = None
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return cuda_device_count() > 0
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "tensorrt" if tensorrt_available() else "onnxruntime"
+    if backend not in ("tensorrt", "onnxruntime"):
+        raise InputError(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
+    if backend == "tensorrt" and not tensorrt_available():
+        raise BackendUnavailableError(
+            "--backend tensorrt needs the tensorrt package and a CUDA GPU; "
+            "use --backend onnxruntime here (pip install 'trtpipe[gpu]' on a GPU machine)"
+        )
+    return backend
+
+
+def load_onnx(path: Path) -> Any:
+    """Load and check an ONNX file; a clear error for a missing or corrupt one."""
+    import onnx
+
+    if not path.is_file():
+        raise InputError(f"ONNX file {path} does not exist (run trtpipe export first)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(f"{path} is not a valid ONNX file: {str(exc).splitlines()[0]}") from exc
+    if not model.graph.node:
+        raise InputError(f"{path} has an empty graph; re-export the model")
+    return model
+
+
+def calibration_feeds(
+    model_dir: Path, texts: list[str], inputs: list[TensorSpec], profile: dict[str, ShapeRange]
+) -> dict[str, np.ndarray]:
+    """Tokenize calibration/reference texts into the model's inputs, within the profile."""
+    from trtpipe.text import encode, load_tokenizer
+
+    if not texts:
+        raise InputError("calibration text is empty (one sentence a line expected)")
+    tokenizer = load_tokenizer(str(model_dir))
+    max_len = min((r.max[1] for r in profile.values() if len(r.max) > 1), default=128)
+    batch = min((r.max[0] for r in profile.values()), default=len(texts))
+    feeds = encode(tokenizer, texts[:batch], inputs, max_length=min(max_len, 128))
+    if "input_ids" in feeds and feeds["input_ids"].shape[1] < 2:
+        raise InputError("calibration text tokenizes to nothing usable")
+    return feeds
+
+
+def build_engine(config: BuildConfig) -> EngineDir:
+    """Apply precision, build for the backend, write the engine dir atomically."""
+    from trtpipe.precision import apply_precision, op_precision_counts
+
+    if config.precision not in PRECISIONS:
+        raise InputError(f"unknown precision {config.precision!r}; use one of {PRECISIONS}")
+    model = load_onnx(config.onnx_path)
+    model_dir = config.onnx_path.parent
+    info = ExportInfo.read(model_dir)
+    task = config.task or (info.task if info else detect_task(str(model_dir)))
+    backend = resolve_backend(config.backend)
+    inputs, outputs = onnx_io_specs(model)
+    profile = build_profile(
+        inputs, config.min_shapes, config.opt_shapes, config.max_shapes, max_positions(model_dir)
+    )
+    calibration = None
+    if config.precision != "fp32" and any(s.name == "input_ids" for s in inputs):
+        from trtpipe.text import sample_texts
+
+        texts = config.calib_texts if config.calib_texts is not None else sample_texts()
+        calibration = calibration_feeds(model_dir, texts, inputs, profile)
+
+    timings: dict[str, float] = {}
+    with atomic_directory(config.output) as tmp:
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        typed = tmp / f"model.{config.precision}.onnx"
+        start = time.perf_counter()
+        precision_info = apply_precision(
+            config.onnx_path, typed, config.precision, backend, calibration
+        )
+        timings["precision_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if backend == "tensorrt":
+            from trtpipe.build.tensorrt import build_tensorrt
+
+            engine_file, backend_info = build_tensorrt(typed, tmp, profile, config)
+        else:
+            from trtpipe.build.onnxruntime import build_onnxruntime
+
+            engine_file, backend_info = build_onnxruntime(typed, tmp, config)
+        timings["build_s"] = time.perf_counter() - start
+        op_counts = op_precision_counts(typed)
+        if engine_file != typed.name:
+            typed.unlink()
+        manifest = Manifest(
+            task=task,
+            backend=backend,
+            precision=config.precision,
+            engine_file=engine_file,
+            inputs=inputs,
+            outputs=outputs,
+            profile=profile,
+            source_model=info.source_model if info else "",
+            library=info.library if info else "transformers",
+            source_onnx_sha256=sha256_file(config.onnx_path),
+            versions={**backend_info.pop("versions", {}), "trtpipe": __version__},
+            device=backend_info.pop("device", {}),
+            build_options={
+                "precision": precision_info,
+                "workspace_mb": config.workspace_mb,
+                "optimization_level": config.optimization_level,
+                **backend_info,
+            },
+        )
+        write_manifest(tmp, manifest)
+        (tmp / BUILD_LOG).write_text(
+            json.dumps({"timings": timings, "op_counts": op_counts}, indent=2) + "\n"
+        )
+    log.info("wrote engine dir %s", config.output)
+    return EngineDir(config.output)

@@ -1,0 +1,1 @@
+"""Command line: one small module per subcommand, each calling one library function."""

@@ -1,0 +1,82 @@
+"""``trtpipe compare ENGINE_DIR [--texts FILE] [--json report.json]``: the accuracy gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("compare")
+@click.argument("engine_dir")
+@click.option(
+    "--texts",
+    type=click.Path(path_type=Path),
+    help="Texts, one a line (default: built-in sentences).",
+)
+@click.option(
+    "--random",
+    "random_samples",
+    type=int,
+    default=0,
+    help="Use N random valid inputs instead of text.",
+)
+@click.option(
+    "--seq-len", type=int, default=64, show_default=True, help="Sequence length for --random."
+)
+@click.option("--reference", help="Reference model (default: the manifest's source model).")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON."
+)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="Device for the engine runner.")
+@click.option("--max-abs", type=float, help="Override: maximum absolute error.")
+@click.option("--min-cosine", type=float, help="Override: minimum per-row cosine.")
+@click.option("--mean-cosine", type=float, help="Override: minimum mean cosine.")
+@click.option("--min-top1", type=float, help="Override: minimum top-1 agreement (0..1).")
+def command(
+    engine_dir: str,
+    texts: Path | None,
+    random_samples: int,
+    seq_len: int,
+    reference: str | None,
+    json_path: Path | None,
+    batch_size: int,
+    device: str,
+    max_abs: float | None,
+    min_cosine: float | None,
+    mean_cosine: float | None,
+    min_top1: float | None,
+) -> None:
+    """Compare ENGINE_DIR against its PyTorch model; exit 0 only within tolerance."""
+    from trtpipe.compare import Tolerances, compare_engine
+    from trtpipe.devices import parse_device
+    from trtpipe.engine import EngineDir
+    from trtpipe.errors import AccuracyError
+
+    engine = EngineDir(engine_dir)
+    tolerances = Tolerances.for_precision(engine.manifest.precision)
+    for field_name, value in (
+        ("max_abs", max_abs),
+        ("cosine_min", min_cosine),
+        ("cosine_mean", mean_cosine),
+        ("top1_min", min_top1),
+    ):
+        if value is not None:
+            setattr(tolerances, field_name, value)
+    report = compare_engine(
+        engine,
+        tolerances=tolerances,
+        texts_file=texts,
+        random_samples=random_samples,
+        seq_len=seq_len,
+        reference=reference,
+        batch_size=batch_size,
+        device=parse_device(device),
+    )
+    click.echo(report.table())
+    if json_path:
+        report.write_json(json_path)
+        click.echo(f"wrote {json_path}")
+    if not report.passed:
+        raise AccuracyError("accuracy gate failed (see the table above)")

@@ -1,0 +1,73 @@
+"""Device names: ``cpu``, ``cpu:N`` (N CPU workers), ``cuda:I`` / GPU index lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trtpipe.errors import InputError
+
+
+@dataclass(frozen=True)
+class Device:
+    """One place a runner is loaded: ``kind`` is ``cpu`` or ``cuda``; ``index`` the ordinal."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "cuda"
+
+
+def parse_device(text: str) -> Device:
+    """``cpu`` / ``cpu:0`` / ``cuda`` / ``cuda:1`` / ``1`` -> Device."""
+    value = text.strip().lower()
+    if value.isdigit():
+        return Device("cuda", int(value))
+    kind, _, index = value.partition(":")
+    if kind == "gpu":
+        kind = "cuda"
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise InputError(f"bad device {text!r}: use cpu, cpu:N, cuda:I or a GPU index")
+    return Device(kind, int(index) if index else 0)
+
+
+def parse_gpus(text: str) -> list[Device]:
+    """``0,1`` -> [cuda:0, cuda:1]."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise InputError(f"bad --gpus {text!r}: use comma-separated GPU indices such as 0,1")
+    if len(set(parts)) != len(parts):
+        raise InputError(f"--gpus {text!r} names a GPU twice")
+    return [Device("cuda", int(p)) for p in parts]
+
+
+def parse_devices(text: str) -> list[Device]:
+    """``cpu:2`` -> two CPU workers; ``cuda:0,cuda:1`` -> those GPUs; ``cpu`` -> one worker."""
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise InputError("--devices is empty: use cpu:N or cuda:0,cuda:1")
+    if len(parts) == 1 and parts[0].startswith("cpu"):
+        _, _, count = parts[0].partition(":")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise InputError(f"bad --devices {text!r}: cpu:N needs N >= 1")
+        return [Device("cpu", i) for i in range(int(count) if count else 1)]
+    devices = [parse_device(p) for p in parts]
+    if len(set(devices)) != len(devices):
+        raise InputError(f"--devices {text!r} names a device twice")
+    return devices
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices visible through cuda-python (0 without a driver or GPU)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return 0
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0:
+        return 0
+    return int(count)

@@ -1,0 +1,216 @@
+"""The engine directory and its manifest: the contract between build, runtime and server.
+
+An engine dir holds the engine file, ``manifest.json``, the tokenizer/config files and a build
+log. The runtime and the server read only the manifest and the engine file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtpipe.errors import EngineMismatchError, InputError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# numpy dtype names used in manifests, mapped to KServe v2 datatype names.
+NUMPY_TO_V2 = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "int8": "INT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+}
+V2_TO_NUMPY = {v: k for k, v in NUMPY_TO_V2.items()}
+
+
+@dataclass
+class TensorSpec:
+    """One input or output tensor: shape uses -1 for dynamic dims, ``dims`` names them."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    dims: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(
+            name=data["name"],
+            dtype=data["dtype"],
+            shape=[int(d) for d in data["shape"]],
+            dims=list(data.get("dims", [])),
+        )
+
+
+@dataclass
+class ShapeRange:
+    """Optimization profile entry for one input (TensorRT semantics; enforced on every backend)."""
+
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        if len(shape) != len(self.min):
+            return False
+        return all(lo <= s <= hi for s, lo, hi in zip(shape, self.min, self.max, strict=True))
+
+
+@dataclass
+class Manifest:
+    """What was built, from what, for which backend/device, and which shapes it accepts."""
+
+    task: str
+    backend: str
+    precision: str
+    engine_file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    profile: dict[str, ShapeRange]
+    source_model: str = ""
+    library: str = "transformers"
+    source_onnx_sha256: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    build_options: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest batch any launch may take (first dim of the profile maximum)."""
+        return min((r.max[0] for r in self.profile.values() if r.max), default=1)
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise InputError(f"engine has no input {name!r}; inputs: {[s.name for s in self.inputs]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            return cls(
+                task=data["task"],
+                backend=data["backend"],
+                precision=data["precision"],
+                engine_file=data["engine_file"],
+                inputs=[TensorSpec.from_dict(t) for t in data["inputs"]],
+                outputs=[TensorSpec.from_dict(t) for t in data["outputs"]],
+                profile={k: ShapeRange(**v) for k, v in data["profile"].items()},
+                source_model=data.get("source_model", ""),
+                library=data.get("library", "transformers"),
+                source_onnx_sha256=data.get("source_onnx_sha256", ""),
+                versions=dict(data.get("versions", {})),
+                device=dict(data.get("device", {})),
+                build_options=dict(data.get("build_options", {})),
+                extra=dict(data.get("extra", {})),
+                format_version=int(data.get("format_version", FORMAT_VERSION)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"manifest is malformed ({exc!r}); rebuild the engine") from exc
+
+
+class EngineDir:
+    """An engine directory on disk, validated on open."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST_NAME
+        if not self.path.is_dir():
+            raise InputError(
+                f"{self.path} is not an engine directory (build one with trtpipe build)"
+            )
+        if not manifest_path.is_file():
+            raise InputError(f"{self.path} has no {MANIFEST_NAME}; is it an engine directory?")
+        try:
+            data = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        self.manifest = Manifest.from_dict(data)
+        if self.manifest.format_version != FORMAT_VERSION:
+            raise EngineMismatchError(
+                f"{self.path} uses manifest format {self.manifest.format_version}, this trtpipe "
+                f"reads {FORMAT_VERSION}; rebuild the engine"
+            )
+        if self.manifest.backend not in BACKENDS:
+            raise EngineMismatchError(f"{self.path}: unknown backend {self.manifest.backend!r}")
+        if not self.engine_path.is_file():
+            raise InputError(f"{self.path}: engine file {self.manifest.engine_file} is missing")
+
+    @property
+    def engine_path(self) -> Path:
+        return self.path / self.manifest.engine_file
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def has_tokenizer(self) -> bool:
+        return any(
+            (self.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
+        )
+
+    def expect_backend(self, backend: str) -> None:
+        if self.manifest.backend != backend:
+            raise EngineMismatchError(
+                f"{self.path} was built for {self.manifest.backend}, not {backend}; "
+                f"rebuild with --backend {backend}"
+            )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp dir beside ``final``; rename it into place only if the block succeeds.
+
+    A failed build therefore leaves neither a half-written dir nor a damaged old one.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"output path {final} exists and is not a directory")
+    if final.exists() and not overwrite:
+        raise InputError(f"output directory {final} already exists")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, backup)
+    os.rename(tmp, final)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""ONNX Runtime runner: CUDA EP on a given GPU (with IO binding), CPU EP otherwise."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from trtpipe.devices import Device
+from trtpipe.engine import EngineDir
+from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
+from trtpipe.runners.base import ManifestRunner
+
+log = logging.getLogger(__name__)
+
+
+def session_options(threads: int | None = None) -> Any:
+    """Session options shared by the builder and the runner (graph already optimized offline)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def providers_for(device: Device) -> list[Any]:
+    """Execution providers for a device; a clear error when CUDA is asked for but absent."""
+    import onnxruntime as ort
+
+    if not device.is_gpu:
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailableError(
+            f"{device} requested but this onnxruntime has no CUDAExecutionProvider; "
+            "install onnxruntime-gpu or use --devices cpu"
+        )
+    return [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeRunner(ManifestRunner):
+    """Runs ``model.ort.onnx`` from an engine dir built for the onnxruntime backend."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, engine: EngineDir, device: Device, threads: int | None = None):
+        engine.expect_backend("onnxruntime")
+        super().__init__(engine.manifest, device)
+        self.engine = engine
+        self.threads = threads
+        self.session: Any = None
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        options = session_options(self.threads)
+        # The engine file was optimized at build time; do not redo it on every load.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        try:
+            self.session = ort.InferenceSession(
+                str(self.engine.engine_path), options, providers=providers_for(self.device)
+            )
+        except BackendUnavailableError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RunnerError(f"cannot load {self.engine.engine_path}: {exc}") from exc
+        if self.device.is_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise BackendUnavailableError(f"CUDA EP failed to initialise on {self.device}")
+        self.loaded = True
+        log.debug("loaded %s on %s", self.engine.path, self.device)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.outputs]
+        try:
+            if self.device.is_gpu:
+                return self._infer_io_binding(feeds, names)
+            values = self.session.run(names, feeds)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise RunnerError(f"{self.describe()} failed: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def _infer_io_binding(
+        self, feeds: dict[str, np.ndarray], names: list[str]
+    ) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        for name in names:
+            binding.bind_output(name, "cuda", self.device.index)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
+
+    def close(self) -> None:
+        self.session = None
+        super().close()
