@@ -143,7 +143,8 @@ def compare_outputs(
         for eng, ref, mask in zip(engine_out, reference_out, masks, strict=True):
             if eng[name].shape != ref[name].shape:
                 raise InputError(
-                    f"output {name!r}: engine shape {eng[name].shape} != reference {ref[name].shape}"
+                    f"output {name!r}: engine shape {eng[name].shape} "
+                    f"!= reference {ref[name].shape}"
                 )
             engine_rows.append(row_view(eng[name], mask))
             ref_rows.append(row_view(ref[name], mask))

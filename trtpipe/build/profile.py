@@ -143,7 +143,8 @@ def build_profile(
             values = given[spec.name]
             if len(values) != len(spec.shape):
                 raise InputError(
-                    f"shape for {spec.name!r} has {len(values)} dims, the input has {len(spec.shape)}"
+                    f"shape for {spec.name!r} has {len(values)} dims, "
+                    f"the input has {len(spec.shape)}"
                 )
             for kind, value in zip(spec.dims, values, strict=True):
                 if kind in ranges:

@@ -64,10 +64,11 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """trtpipe: Hugging Face model -> ONNX -> FP16/INT8 -> engine -> accuracy gate -> serve."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "optimum", "modelopt", "onnxruntime", "urllib3", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("trtpipe").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
