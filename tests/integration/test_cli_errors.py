@@ -1,0 +1,135 @@
+"""Bad input through the CLI: one clear line, non-zero exit, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trtpipe.cli.main import cli
+from trtpipe.devices import Device
+from trtpipe.engine import EngineDir
+from trtpipe.errors import EngineMismatchError, InputError
+from trtpipe.runners.onnxruntime import OnnxRuntimeRunner
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result.exit_code, result.output
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_missing_onnx(tmp_path: Path):
+    code, out = invoke("build", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "e"))
+    assert code == 2
+    assert "does not exist" in out and "Traceback" not in out
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_onnx_leaves_nothing(tmp_path: Path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07 this is not a protobuf \xff\xff")
+    code, out = invoke("build", str(bad), "-o", str(tmp_path / "engine"))
+    assert code == 2
+    assert "not a valid ONNX file" in out
+    assert leftovers(tmp_path) == ["model.onnx"]
+
+
+def test_unknown_task(tmp_path: Path):
+    code, out = invoke("export", "-o", str(tmp_path / "x"), "--task", "summarize-my-email")
+    assert code == 2
+    assert "'summarize-my-email' is not one of" in out
+    assert leftovers(tmp_path) == []
+
+
+def test_unknown_hub_model_offline(tmp_path: Path):
+    code, out = invoke("export", "nobody/no-such-model", "-o", str(tmp_path / "x"))
+    assert code == 2
+    assert out.count("error:") == 1 and "cannot export 'nobody/no-such-model'" in out
+    assert leftovers(tmp_path) == []
+
+
+def test_int8_without_usable_calibration(tiny_bert_onnx: Path, tmp_path: Path):
+    empty = tmp_path / "calib.txt"
+    empty.write_text("\n   \n")
+    out_dir = tmp_path / "engine"
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--int8", "--calib", str(empty), "-o", str(out_dir)
+    )
+    assert code == 2 and "holds no text" in out
+    code, out = invoke(
+        "build",
+        str(tiny_bert_onnx),
+        "--int8",
+        "--calib",
+        str(tmp_path / "nope.txt"),
+        "-o",
+        str(out_dir),
+    )
+    assert code == 2 and "does not exist" in out
+    assert leftovers(tmp_path) == ["calib.txt"]
+
+
+def test_shapes_outside_model_limits(tiny_bert_onnx: Path, tmp_path: Path):
+    out_dir = tmp_path / "engine"
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--max-shapes", "input_ids:8x4096", "-o", str(out_dir)
+    )
+    assert code == 2 and "exceeds the model's 128 positions" in out
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--opt-shapes", "input_ids:8x", "-o", str(out_dir)
+    )
+    assert code == 2 and "bad shape" in out
+    assert not out_dir.exists()
+
+
+def test_runner_rejects_inputs_outside_profile(tiny_bert_engine: Path):
+    engine = EngineDir(tiny_bert_engine)
+    with OnnxRuntimeRunner(engine, Device("cpu")) as runner:
+        ok = {
+            "input_ids": np.ones((2, 8), np.int64),
+            "attention_mask": np.ones((2, 8), np.int64),
+            "token_type_ids": np.zeros((2, 8), np.int64),
+        }
+        assert runner.infer(ok)["last_hidden_state"].shape == (2, 8, 32)
+        too_long = {k: np.ones((1, 65), np.int64) for k in ok}
+        with pytest.raises(
+            InputError, match=r"outside the engine's profile \(min \[1, 1\], max \[8, 64\]\)"
+        ):
+            runner.infer(too_long)
+        with pytest.raises(InputError, match="dtype float32, expected int64"):
+            runner.infer({**ok, "input_ids": ok["input_ids"].astype(np.float32)})
+        with pytest.raises(InputError, match="unknown input"):
+            runner.infer({**ok, "pixels": ok["input_ids"]})
+
+
+def test_engine_dir_for_another_backend(tiny_bert_engine: Path, tmp_path: Path):
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_bert_engine, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["backend"] = "tensorrt"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match="built for tensorrt, not onnxruntime"):
+        OnnxRuntimeRunner(EngineDir(copy), Device("cpu"))
+    manifest["backend"] = "openvino"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, out = invoke("inspect", str(copy))
+    assert code == 2 and "unknown backend 'openvino'" in out
+
+
+def test_broken_engine_dirs(tiny_bert_engine: Path, tmp_path: Path):
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny_bert_engine, copy)
+    (copy / "manifest.json").write_text("{ not json")
+    code, out = invoke("compare", str(copy))
+    assert code == 2 and "is not valid JSON" in out
+    code, out = invoke("inspect", str(tmp_path / "missing"))
+    assert code == 2 and "is not an engine directory" in out
