@@ -1,0 +1,550 @@
+"""Dynamic batching: many small requests become few launches, each answered with its own rows.
+
+Requests are validated on arrival (a bad one never poisons a batch), queued by length group,
+and launched when a group fills ``max_batch_size`` rows or its oldest request has waited
+``max_queue_delay_ms``. Requests of different sequence lengths share a launch by padding
+(attention mask 0) to the longest in the batch rounded up to a multiple of ``bucket_multiple``;
+length groups (powers of two) keep short requests away from long ones. Up to one batch per
+healthy device is in flight, so N devices work at once; while they are busy requests pile up
+and batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trtpipe.engine import TensorSpec
+from trtpipe.errors import InputError, RunnerError, TrtpipeError
+from trtpipe.runners.base import validate_feeds
+from trtpipe.runtime.pool import DevicePool
+from trtpipe.runtime.stats import BatcherStats
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(TrtpipeError):
+    """The queue already holds ``max_queue_size`` requests (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+class BatcherStoppedError(QueueFullError):
+    """The batcher is shutting down or not started; like a full queue, retry elsewhere (503)."""
+
+
+class RequestTimeoutError(TrtpipeError):
+    """A request was not answered within ``timeout_s`` (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+
+def _default_pads() -> dict[str, int]:
+    return {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+
+
+@dataclass
+class BatcherConfig:
+    """Batching options; ``None`` batch size means the engine's profile maximum."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+    timeout_s: float | None = 30.0
+    pad_token_ids: dict[str, int] = field(default_factory=_default_pads)
+    padding_side: str = "right"
+    bucket_multiple: int = 8
+    group_by_length: bool = True
+    # Skip the queue delay when the last launch carried one request and nothing else waits,
+    # so a lone client is not charged the delay; under load batching behaves as configured.
+    adaptive_delay: bool = True
+    max_inflight_batches: int | None = None
+
+    def validate(self) -> None:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise InputError(f"max batch size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0:
+            raise InputError(f"max queue delay must be >= 0 ms, got {self.max_queue_delay_ms}")
+        if self.max_queue_size < 1:
+            raise InputError(f"max queue size must be >= 1, got {self.max_queue_size}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise InputError(f"timeout must be > 0 s (or none), got {self.timeout_s}")
+        if self.padding_side not in ("right", "left"):
+            raise InputError(f"padding side must be right or left, got {self.padding_side!r}")
+        if self.bucket_multiple < 1:
+            raise InputError(f"bucket multiple must be >= 1, got {self.bucket_multiple}")
+        if self.max_inflight_batches is not None and self.max_inflight_batches < 1:
+            raise InputError("max in-flight batches must be >= 1")
+
+
+@dataclass(eq=False)
+class _Request:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    seq_len: int
+    bucket: int
+    key: tuple[Any, ...]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    arrival: float  # loop time, seconds
+    arrival_ns: int
+    state: str = "queued"  # queued -> running -> done
+    timer: asyncio.TimerHandle | None = None
+
+
+class _Layout:
+    """Which axes of which tensors are batch and sequence axes, from the engine specs."""
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], profile: Any):
+        self.inputs = inputs
+        self.outputs = {spec.name: spec for spec in outputs}
+        self.batchable = bool(inputs) and all(s.dims[:1] == ["batch"] for s in inputs)
+        self.seq_axes = {
+            s.name: [i for i, d in enumerate(s.dims) if d == "sequence"] for s in inputs
+        }
+        self.out_seq_axes = {
+            s.name: [i for i, d in enumerate(s.dims) if d == "sequence"] for s in outputs
+        }
+        limits = [
+            profile[name].max[axis]
+            for name, axes in self.seq_axes.items()
+            for axis in axes
+            if name in profile
+        ]
+        self.max_seq = min(limits) if limits else None
+
+
+def _length_group(bucket: int) -> int:
+    """Smallest power of two >= bucket: padding inside a group wastes less than half."""
+    return 1 << max(bucket - 1, 0).bit_length() if bucket > 0 else 0
+
+
+class DynamicBatcher:
+    """Queue, group, pad, launch on the pool, and hand each request its own rows back."""
+
+    def __init__(self, pool: DevicePool, config: BatcherConfig | None = None):
+        self.pool = pool
+        self.config = config or BatcherConfig()
+        self.config.validate()
+        self.stats = BatcherStats()
+        self._groups: dict[tuple[Any, ...], deque[_Request]] = {}
+        self._group_rows: dict[tuple[Any, ...], int] = {}
+        self._pending = 0
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed: asyncio.Event | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self._running = False
+        self._stopping = False
+        self._last_launch_requests = 0
+        self._layout: _Layout | None = None
+        self.max_batch_size = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the pool if needed (off the loop) and the scheduler task."""
+        if self._running:
+            return
+        if not self.pool.started:
+            await asyncio.to_thread(self.pool.start)
+        self._layout = _Layout(self.pool.inputs, self.pool.outputs, self.pool.profile)
+        limit = self.pool.max_batch_size
+        wanted = self.config.max_batch_size or limit
+        if wanted > limit:
+            log.warning(
+                "max batch size %d exceeds the engine's profile maximum %d; using %d",
+                wanted,
+                limit,
+                limit,
+            )
+        self.max_batch_size = min(wanted, limit) if self._layout.batchable else 1
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._running = True
+        self._scheduler = asyncio.create_task(self._schedule(), name="trtpipe-batcher")
+        self._scheduler.add_done_callback(self._scheduler_done)
+        log.info(
+            "batcher started: max batch %d, delay %.1f ms, queue %d, %d device(s)",
+            self.max_batch_size,
+            self.config.max_queue_delay_ms,
+            self.config.max_queue_size,
+            self.pool.healthy_count,
+        )
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new requests; finish every accepted one (``drain``) or fail the queued ones."""
+        if not self._running:
+            return
+        self._stopping = True
+        if not drain:
+            for group in list(self._groups.values()):
+                for request in list(group):
+                    self._remove(request)
+                    self._fail(request, BatcherStoppedError("the server is shutting down"))
+        self._notify()
+        if self._scheduler is not None:
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self._running = False
+        log.info("batcher stopped (%d requests answered)", self.stats.request_success)
+
+    @property
+    def running(self) -> bool:
+        return self._running and not self._stopping
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting in the queue (not yet launched)."""
+        return self._pending
+
+    @property
+    def inflight_batches(self) -> int:
+        return self._inflight
+
+    # -- submit ------------------------------------------------------------------------------
+    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Queue one request (batch dim n >= 1) and return exactly its own output rows."""
+        if not self._running or self._stopping:
+            raise BatcherStoppedError(
+                "the model is not accepting requests (shutting down or not started)"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            request = self._prepare(feeds, loop)
+        except InputError:
+            self.stats.request_failure += 1
+            raise
+        if self._pending >= self.config.max_queue_size:
+            self.stats.request_failure += 1
+            self.stats.rejected_queue_full += 1
+            raise QueueFullError(
+                f"the queue is full ({self.config.max_queue_size} requests waiting); retry "
+                "later, or raise --max-queue-size / add devices"
+            )
+        self._enqueue(request)
+        if self.config.timeout_s is not None:
+            request.timer = loop.call_later(self.config.timeout_s, self._expire, request)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if not request.future.done():
+                self._remove(request)
+                self.stats.request_failure += 1
+                request.future.cancel()
+                self._notify()
+            raise
+
+    def _prepare(self, feeds: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> _Request:
+        layout = self._layout
+        assert layout is not None
+        if not isinstance(feeds, dict):
+            raise InputError("a request is a mapping of input names to arrays")
+        checked = validate_feeds(feeds, layout.inputs, self.pool.profile)
+        rows = 1
+        if layout.batchable:
+            rows = int(checked[layout.inputs[0].name].shape[0])
+            if rows < 1:
+                raise InputError("the request has no rows (batch dimension is 0)")
+            if rows > self.max_batch_size:
+                raise InputError(
+                    f"the request has {rows} rows; this model takes at most "
+                    f"{self.max_batch_size} per request"
+                )
+        lengths = {
+            (name, int(checked[name].shape[axis]))
+            for name, axes in layout.seq_axes.items()
+            for axis in axes
+        }
+        distinct = {length for _, length in lengths}
+        if len(distinct) > 1:
+            raise InputError(
+                "inputs disagree on sequence length: "
+                + ", ".join(f"{n}={v}" for n, v in sorted(lengths))
+            )
+        seq_len = distinct.pop() if distinct else 0
+        bucket = seq_len
+        if layout.batchable and seq_len:
+            multiple = self.config.bucket_multiple
+            bucket = -(-seq_len // multiple) * multiple
+            if layout.max_seq is not None:
+                bucket = max(min(bucket, layout.max_seq), seq_len)
+        signature = tuple(
+            (
+                spec.name,
+                tuple(
+                    -1 if axis in layout.seq_axes[spec.name] else dim
+                    for axis, dim in enumerate(checked[spec.name].shape)
+                    if axis > 0 or not layout.batchable
+                ),
+            )
+            for spec in layout.inputs
+        )
+        group = _length_group(bucket) if self.config.group_by_length else 0
+        if not layout.batchable:
+            group = seq_len
+        return _Request(
+            feeds=checked,
+            rows=rows,
+            seq_len=seq_len,
+            bucket=bucket,
+            key=(group, signature),
+            future=loop.create_future(),
+            arrival=loop.time(),
+            arrival_ns=time.perf_counter_ns(),
+        )
+
+    # -- queue -------------------------------------------------------------------------------
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _enqueue(self, request: _Request) -> None:
+        self._groups.setdefault(request.key, deque()).append(request)
+        self._group_rows[request.key] = self._group_rows.get(request.key, 0) + request.rows
+        self._pending += 1
+        self._notify()
+
+    def _remove(self, request: _Request) -> None:
+        """Take a queued request out of its group (timeout, cancel, no-drain stop)."""
+        if request.state != "queued":
+            return
+        group = self._groups.get(request.key)
+        if group is None or request not in group:
+            return
+        group.remove(request)
+        self._group_rows[request.key] -= request.rows
+        if not group:
+            del self._groups[request.key]
+            del self._group_rows[request.key]
+        self._pending -= 1
+        request.state = "done"
+
+    def _take(self, key: tuple[Any, ...]) -> list[_Request]:
+        """The oldest request of the group plus, in order, whatever else fits."""
+        group = self._groups[key]
+        head = group.popleft()
+        batch, rows, left = [head], head.rows, deque[_Request]()
+        while group:
+            request = group.popleft()
+            if (
+                self._layout is not None
+                and self._layout.batchable
+                and (rows + request.rows <= self.max_batch_size)
+            ):
+                batch.append(request)
+                rows += request.rows
+            else:
+                left.append(request)
+            if rows >= self.max_batch_size:
+                break
+        left.extend(group)
+        if left:
+            self._groups[key] = left
+            self._group_rows[key] -= rows
+        else:
+            del self._groups[key]
+            del self._group_rows[key]
+        self._pending -= len(batch)
+        for request in batch:
+            request.state = "running"
+        return batch
+
+    def _capacity(self) -> int:
+        if self.config.max_inflight_batches is not None:
+            return self.config.max_inflight_batches
+        return max(1, self.pool.healthy_count)
+
+    def _next_group(self, now: float) -> tuple[tuple[Any, ...] | None, float | None]:
+        """(group to launch now, or None; when to look again if nothing is ready)."""
+        delay = self.config.max_queue_delay_ms / 1000.0
+        if (
+            self.config.adaptive_delay
+            and self._pending == 1
+            and self._last_launch_requests <= 1
+            and self._inflight == 0
+        ):
+            delay = 0.0
+        ready: tuple[float, tuple[Any, ...]] | None = None
+        wake: float | None = None
+        for key, group in self._groups.items():
+            head = group[0]
+            deadline = head.arrival + delay
+            full = self._group_rows[key] >= self.max_batch_size
+            if full or deadline <= now or self._stopping:
+                if ready is None or head.arrival < ready[0]:
+                    ready = (head.arrival, key)
+            elif wake is None or deadline < wake:
+                wake = deadline
+        return (ready[1] if ready else None), wake
+
+    async def _schedule(self) -> None:
+        """The one task that forms batches; launches run as their own tasks."""
+        changed = self._changed
+        assert changed is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            changed.clear()
+            if not self._pending:
+                if self._stopping:
+                    return
+                await changed.wait()
+                continue
+            if self._inflight >= self._capacity():
+                await changed.wait()
+                continue
+            key, wake = self._next_group(loop.time())
+            if key is None:
+                timer = loop.call_at(wake, changed.set) if wake is not None else None
+                await changed.wait()
+                if timer is not None:
+                    timer.cancel()
+                continue
+            batch = self._take(key)
+            self._inflight += 1
+            self._last_launch_requests = len(batch)
+            task = asyncio.create_task(self._launch(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _scheduler_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batch scheduler stopped", exc_info=task.exception())
+        error = RunnerError(f"the batch scheduler failed: {task.exception()}")
+        for group in list(self._groups.values()):
+            for request in list(group):
+                self._remove(request)
+                self._fail(request, error)
+        self._stopping = True
+
+    # -- launch ------------------------------------------------------------------------------
+    async def _launch(self, batch: list[_Request]) -> None:
+        start_ns = time.perf_counter_ns()
+        try:
+            padded = max(r.bucket for r in batch)
+            feeds = self._assemble(batch, padded)
+            infer_ns = time.perf_counter_ns()
+            outputs = await self.pool.run(feeds)
+            output_ns = time.perf_counter_ns()
+            results = self._split(batch, outputs, padded)
+            end_ns = time.perf_counter_ns()
+        except Exception as exc:
+            error = exc if isinstance(exc, TrtpipeError) else RunnerError(f"batch failed: {exc}")
+            if not isinstance(exc, TrtpipeError):
+                log.exception("batch of %d request(s) failed", len(batch))
+            for request in batch:
+                self._fail(request, error)
+        else:
+            rows = sum(r.rows for r in batch)
+            stats = self.stats
+            stats.record_execution(rows, output_ns - infer_ns)
+            stats.real_tokens += sum(r.rows * r.seq_len for r in batch)
+            stats.padded_tokens += sum(r.rows * (padded - r.seq_len) for r in batch)
+            for request, result in zip(batch, results, strict=True):
+                if request.future.done():
+                    continue  # timed out or cancelled while running
+                request.state = "done"
+                if request.timer is not None:
+                    request.timer.cancel()
+                request.future.set_result(result)
+                stats.request_success += 1
+                stats.success_ns += end_ns - request.arrival_ns
+                stats.queue_ns += start_ns - request.arrival_ns
+                stats.compute_input_ns += infer_ns - start_ns
+                stats.compute_infer_ns += output_ns - infer_ns
+                stats.compute_output_ns += end_ns - output_ns
+        finally:
+            self._inflight -= 1
+            self._notify()
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        request.state = "done"
+        if request.timer is not None:
+            request.timer.cancel()
+        if not request.future.done():
+            request.future.set_exception(error)
+            self.stats.request_failure += 1
+
+    def _expire(self, request: _Request) -> None:
+        if request.future.done():
+            return
+        where = "in the queue" if request.state == "queued" else "while running"
+        self._remove(request)
+        self.stats.timeouts += 1
+        self._fail(
+            request,
+            RequestTimeoutError(
+                f"request not answered within {self.config.timeout_s:g} s (expired {where}, "
+                f"{self._pending} waiting); raise --timeout or add devices"
+            ),
+        )
+        self._notify()
+
+    def _assemble(self, batch: list[_Request], padded: int) -> dict[str, np.ndarray]:
+        """Concatenate the requests' rows, padding sequence axes to ``padded``."""
+        layout = self._layout
+        assert layout is not None
+        if len(batch) == 1 and batch[0].seq_len == padded:
+            return batch[0].feeds
+        right = self.config.padding_side == "right"
+        total = sum(r.rows for r in batch)
+        feeds: dict[str, np.ndarray] = {}
+        for spec in layout.inputs:
+            arrays = [r.feeds[spec.name] for r in batch]
+            axes = layout.seq_axes[spec.name]
+            if not axes or all(a.shape[axis] == padded for a in arrays for axis in axes):
+                feeds[spec.name] = np.concatenate(arrays, axis=0)
+                continue
+            shape = list(arrays[0].shape)
+            shape[0] = total
+            for axis in axes:
+                shape[axis] = padded
+            pad = self.config.pad_token_ids.get(spec.name, 0)
+            out = np.full(shape, pad, dtype=arrays[0].dtype)
+            row = 0
+            for array in arrays:
+                index: list[slice] = [slice(None)] * array.ndim
+                index[0] = slice(row, row + array.shape[0])
+                for axis in axes:
+                    length = array.shape[axis]
+                    index[axis] = slice(0, length) if right else slice(padded - length, padded)
+                out[tuple(index)] = array
+                row += array.shape[0]
+            feeds[spec.name] = out
+        return feeds
+
+    def _split(
+        self, batch: list[_Request], outputs: dict[str, np.ndarray], padded: int
+    ) -> list[dict[str, np.ndarray]]:
+        """Each request's own rows; per-token outputs cut back to its own length."""
+        layout = self._layout
+        assert layout is not None
+        if len(batch) == 1 and batch[0].seq_len == padded:
+            return [outputs]
+        right = self.config.padding_side == "right"
+        total = sum(r.rows for r in batch)
+        results: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        for name, array in outputs.items():
+            spec = layout.outputs.get(name)
+            batched = (spec.dims[:1] == ["batch"]) if spec else array.shape[:1] == (total,)
+            if batched and array.shape[0] != total:
+                raise RunnerError(
+                    f"output {name!r} has {array.shape[0]} rows for a batch of {total}"
+                )
+            axes = [a for a in layout.out_seq_axes.get(name, []) if array.shape[a] == padded]
+            row = 0
+            for request, result in zip(batch, results, strict=True):
+                if not batched:
+                    result[name] = array
+                    continue
+                index: list[slice] = [slice(None)] * array.ndim
+                index[0] = slice(row, row + request.rows)
+                length = request.seq_len
+                if length < padded:
+                    for axis in axes:
+                        index[axis] = slice(0, length) if right else slice(padded - length, padded)
+                result[name] = array[tuple(index)]
+                row += request.rows
+        return results
