@@ -1,0 +1,338 @@
+"""TEST DOUBLE of ``cuda.bindings.runtime`` (cuda-python 13): no GPU is involved.
+
+Only the calls trtpipe uses exist, with cuda-python 13's calling convention: every call returns
+a tuple ``(cudaError_t, *values)``. It is strict where the real runtime (or the project's rules)
+would fail:
+
+* device pointers are fake addresses backed by numpy arrays; using an unknown or freed pointer
+  gives ``cudaErrorInvalidValue``;
+* ``cudaMemcpyAsync`` needs pinned host memory from ``cudaHostAlloc``/``cudaMallocHost`` on the
+  host side (pageable numpy memory is refused) and a stream created here (never stream 0);
+* work queued on a stream (copies, engine launches) runs only at ``cudaStreamSynchronize``, so
+  reading results before synchronizing sees stale data, as on a GPU;
+* streams belong to the device current at creation; queuing on them from a thread whose
+  current device differs fails (CUDA's current device is per thread).
+
+``STATE`` counts allocations, frees and synchronizations so tests can assert reuse and leaks.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+IS_TEST_DOUBLE = True
+DEVICE_BASE = 0x7E00_0000_0000  # fake device address space, never a host address
+
+
+class cudaError_t(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInvalidHostPointer = 16
+    cudaErrorInvalidDevicePointer = 17
+    cudaErrorInvalidMemcpyDirection = 21
+    cudaErrorInsufficientDriver = 35
+    cudaErrorNoDevice = 100
+    cudaErrorInvalidDevice = 101
+    cudaErrorInvalidResourceHandle = 400
+    cudaErrorIllegalAddress = 700
+    cudaErrorLaunchFailure = 719
+
+
+class cudaMemcpyKind(enum.IntEnum):
+    cudaMemcpyHostToHost = 0
+    cudaMemcpyHostToDevice = 1
+    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
+    cudaMemcpyDefault = 4
+
+
+cudaStreamDefault = 0
+cudaStreamNonBlocking = 1
+cudaHostAllocDefault = 0
+cudaHostAllocPortable = 1
+cudaHostAllocMapped = 2
+cudaHostAllocWriteCombined = 4
+
+MESSAGES = {
+    0: "no error",
+    1: "invalid argument",
+    2: "out of memory",
+    16: "invalid host pointer",
+    17: "invalid device pointer",
+    21: "invalid copy direction for memcpy",
+    35: "CUDA driver version is insufficient for CUDA runtime version",
+    100: "no CUDA-capable device is detected",
+    101: "invalid device ordinal",
+    400: "invalid resource handle",
+    700: "an illegal memory access was encountered",
+    719: "unspecified launch failure",
+}
+
+
+class cudaStream_t:
+    """Opaque stream handle; ``int(stream)`` is the address, as in cuda-python."""
+
+    __slots__ = ("_ptr",)
+
+    def __init__(self, ptr: int = 0) -> None:
+        self._ptr = int(ptr)
+
+    def __int__(self) -> int:
+        return self._ptr
+
+    def getPtr(self) -> int:
+        return self._ptr
+
+
+@dataclass
+class cudaDeviceProp:
+    name: bytes
+    major: int
+    minor: int
+    totalGlobalMem: int = 80 << 30
+
+
+@dataclass
+class Allocation:
+    data: np.ndarray
+    device: int
+    fresh: int = 0  # bytes written by host->device copies since the last launch read them
+
+
+@dataclass
+class FakeStream:
+    device: int
+    pending: list[Callable[[], None]] = field(default_factory=list)
+    synchronizations: int = 0
+
+
+class State:
+    """Everything the fake runtime tracks; reset by the install fixture."""
+
+    def __init__(self, device_count: int = 1, capability: tuple[int, int] = (9, 0)) -> None:
+        self.lock = threading.RLock()
+        self.device_count = device_count
+        self.capability = capability
+        self.device_name = b"Fake GPU (test double)"
+        self.device_allocs: dict[int, Allocation] = {}
+        self.host_allocs: dict[int, np.ndarray] = {}
+        self.streams: dict[int, FakeStream] = {}
+        self.next_device_ptr = DEVICE_BASE
+        self.next_stream = 0x5000
+        self.mallocs = self.frees = self.host_allocs_made = self.host_frees = 0
+        self.synchronizations = 0
+        self.last_error_detail = ""
+        self.local = threading.local()
+
+    # -- helpers used by the fake TensorRT -------------------------------------------------
+    def current_device(self) -> int:
+        return getattr(self.local, "device", 0)
+
+    def find_device(self, ptr: int, nbytes: int) -> tuple[Allocation, int] | None:
+        """The allocation holding ``[ptr, ptr + nbytes)`` and the offset into it."""
+        for base, alloc in self.device_allocs.items():
+            if base <= ptr and ptr + nbytes <= base + alloc.data.nbytes:
+                return alloc, ptr - base
+        return None
+
+    def find_host(self, ptr: int, nbytes: int) -> tuple[np.ndarray, int] | None:
+        for base, array in self.host_allocs.items():
+            if base <= ptr and ptr + nbytes <= base + array.nbytes:
+                return array, ptr - base
+        return None
+
+    def live_stream(self, handle: int) -> FakeStream | None:
+        return self.streams.get(int(handle))
+
+    def enqueue(self, handle: int, work: Callable[[], None]) -> cudaError_t:
+        stream = self.streams.get(int(handle))
+        if stream is None:
+            return cudaError_t.cudaErrorInvalidResourceHandle
+        if stream.device != self.current_device():
+            self.last_error_detail = (
+                f"stream of device {stream.device} used while device {self.current_device()} "
+                "is current (call cudaSetDevice on this thread)"
+            )
+            return cudaError_t.cudaErrorInvalidResourceHandle
+        stream.pending.append(work)
+        return cudaError_t.cudaSuccess
+
+    def leaks(self) -> dict[str, int]:
+        return {
+            "device": len(self.device_allocs),
+            "host": len(self.host_allocs),
+            "streams": len(self.streams),
+        }
+
+
+STATE = State()
+
+
+class DeviceFault(Exception):
+    """Raised by queued work; cudaStreamSynchronize turns it into an error code."""
+
+    def __init__(self, code: cudaError_t, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def _ok(*values: Any) -> tuple[Any, ...]:
+    return (cudaError_t.cudaSuccess, *values)
+
+
+def _fail(code: cudaError_t, detail: str, nvalues: int = 0) -> tuple[Any, ...]:
+    STATE.last_error_detail = detail
+    return (code, *([None] * nvalues))
+
+
+def cudaGetErrorName(error: Any) -> tuple[Any, bytes]:
+    return _ok(cudaError_t(int(error)).name.encode())  # type: ignore[return-value]
+
+
+def cudaGetErrorString(error: Any) -> tuple[Any, bytes]:
+    text = MESSAGES.get(int(error), "unknown error")
+    if int(error) and STATE.last_error_detail:
+        text += f" [fake: {STATE.last_error_detail}]"
+    return _ok(text.encode())  # type: ignore[return-value]
+
+
+def cudaGetDeviceCount() -> tuple[Any, ...]:
+    if STATE.device_count == 0:
+        return _fail(cudaError_t.cudaErrorNoDevice, "no devices", 1)
+    return _ok(STATE.device_count)
+
+
+def cudaSetDevice(device: int) -> tuple[Any, ...]:
+    if not 0 <= int(device) < STATE.device_count:
+        return _fail(cudaError_t.cudaErrorInvalidDevice, f"device {device} does not exist")
+    STATE.local.device = int(device)
+    return _ok()
+
+
+def cudaGetDevice() -> tuple[Any, ...]:
+    return _ok(STATE.current_device())
+
+
+def cudaGetDeviceProperties(device: int) -> tuple[Any, ...]:
+    if not 0 <= int(device) < STATE.device_count:
+        return _fail(cudaError_t.cudaErrorInvalidDevice, f"device {device} does not exist", 1)
+    major, minor = STATE.capability
+    return _ok(cudaDeviceProp(STATE.device_name, major, minor))
+
+
+def cudaMalloc(size: int) -> tuple[Any, ...]:
+    if int(size) <= 0:
+        return _fail(cudaError_t.cudaErrorInvalidValue, "cudaMalloc of 0 bytes", 1)
+    with STATE.lock:
+        ptr = STATE.next_device_ptr
+        STATE.next_device_ptr += (int(size) + 511) // 256 * 256  # 256-aligned, with a gap
+        STATE.device_allocs[ptr] = Allocation(np.zeros(int(size), np.uint8), STATE.current_device())
+        STATE.mallocs += 1
+    return _ok(ptr)
+
+
+def cudaFree(ptr: Any) -> tuple[Any, ...]:
+    with STATE.lock:
+        if STATE.device_allocs.pop(int(ptr), None) is None:
+            return _fail(cudaError_t.cudaErrorInvalidDevicePointer, f"cudaFree({int(ptr):#x})")
+        STATE.frees += 1
+    return _ok()
+
+
+def cudaHostAlloc(size: int, flags: int) -> tuple[Any, ...]:
+    if int(size) <= 0 or int(flags) & ~7:
+        return _fail(cudaError_t.cudaErrorInvalidValue, "bad cudaHostAlloc size/flags", 1)
+    with STATE.lock:
+        array = np.zeros(int(size), np.uint8)
+        ptr = int(array.ctypes.data)
+        STATE.host_allocs[ptr] = array
+        STATE.host_allocs_made += 1
+    return _ok(ptr)
+
+
+def cudaMallocHost(size: int) -> tuple[Any, ...]:
+    return cudaHostAlloc(size, cudaHostAllocDefault)
+
+
+def cudaFreeHost(ptr: Any) -> tuple[Any, ...]:
+    with STATE.lock:
+        if STATE.host_allocs.pop(int(ptr), None) is None:
+            return _fail(cudaError_t.cudaErrorInvalidValue, f"cudaFreeHost({int(ptr):#x})")
+        STATE.host_frees += 1
+    return _ok()
+
+
+def cudaStreamCreateWithFlags(flags: int) -> tuple[Any, ...]:
+    if int(flags) not in (cudaStreamDefault, cudaStreamNonBlocking):
+        return _fail(cudaError_t.cudaErrorInvalidValue, f"bad stream flags {flags}", 1)
+    with STATE.lock:
+        STATE.next_stream += 0x10
+        STATE.streams[STATE.next_stream] = FakeStream(STATE.current_device())
+        return _ok(cudaStream_t(STATE.next_stream))
+
+
+def cudaStreamDestroy(stream: Any) -> tuple[Any, ...]:
+    with STATE.lock:
+        fake = STATE.streams.pop(int(stream), None)
+    if fake is None:
+        return _fail(cudaError_t.cudaErrorInvalidResourceHandle, f"stream {int(stream):#x}")
+    return _ok()
+
+
+def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> tuple[Any, ...]:
+    dst, src, count = int(dst), int(src), int(count)
+    if int(stream) == 0:
+        return _fail(
+            cudaError_t.cudaErrorInvalidResourceHandle,
+            "default stream used; trtpipe must copy on its own non-blocking stream",
+        )
+    if int(kind) == cudaMemcpyKind.cudaMemcpyHostToDevice:
+        host, device = STATE.find_host(src, count), STATE.find_device(dst, count)
+        what = "source"
+    elif int(kind) == cudaMemcpyKind.cudaMemcpyDeviceToHost:
+        host, device = STATE.find_host(dst, count), STATE.find_device(src, count)
+        what = "destination"
+    else:
+        return _fail(cudaError_t.cudaErrorInvalidMemcpyDirection, f"memcpy kind {kind}")
+    if host is None:
+        return _fail(
+            cudaError_t.cudaErrorInvalidHostPointer,
+            f"host {what} {src if what == 'source' else dst:#x} (+{count}) is not pinned memory "
+            "from cudaHostAlloc/cudaMallocHost",
+        )
+    if device is None:
+        return _fail(
+            cudaError_t.cudaErrorInvalidDevicePointer, f"no device allocation for {count} bytes"
+        )
+    (harray, hoff), (alloc, doff) = host, device
+
+    def copy() -> None:
+        if int(kind) == cudaMemcpyKind.cudaMemcpyHostToDevice:
+            alloc.data[doff : doff + count] = harray[hoff : hoff + count]
+            alloc.fresh = max(alloc.fresh, doff + count)
+        else:
+            harray[hoff : hoff + count] = alloc.data[doff : doff + count]
+
+    return (STATE.enqueue(int(stream), copy),)
+
+
+def cudaStreamSynchronize(stream: Any) -> tuple[Any, ...]:
+    fake = STATE.live_stream(int(stream))
+    if fake is None:
+        return _fail(cudaError_t.cudaErrorInvalidResourceHandle, f"stream {int(stream):#x}")
+    work, fake.pending = fake.pending, []
+    fake.synchronizations += 1
+    STATE.synchronizations += 1
+    for item in work:
+        try:
+            item()
+        except DeviceFault as fault:
+            return _fail(fault.code, str(fault))
+    return _ok()
