@@ -4,7 +4,8 @@
 stand-ins), resets their state, yields a handle for assertions, and restores whatever modules
 were there before (the real cuda-python stays installed for other tests).
 
-Use in a test module with ``from tests.fakes.install import fake_gpu  # noqa: F401``.
+Test modules wrap :func:`installed_fakes` in a local fixture (importing ``fake_gpu`` into a
+module would shadow it in every test signature), or use ``fake_gpu`` as a plugin fixture.
 """
 
 from __future__ import annotations
