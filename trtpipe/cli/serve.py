@@ -1,0 +1,148 @@
+"""``trtpipe serve ENGINE_DIR... [--gpus 0,1 | --devices cpu:N]``: KServe v2 HTTP + gRPC."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("serve")
+@click.argument("engine_dirs", nargs=-1)
+@click.option(
+    "--name",
+    "named",
+    multiple=True,
+    metavar="NAME=DIR",
+    help="Serve DIR under model name NAME (repeatable); plain ENGINE_DIRs use the dir name.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="0 disables HTTP.",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=8001,
+    show_default=True,
+    help="0 disables gRPC.",
+)
+@click.option("--gpus", help="GPU indices, one runner per GPU, e.g. 0,1.")
+@click.option("--devices", help="cpu:N for N CPU workers, or cuda:0,cuda:1 (default: cpu:1).")
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1),
+    help="Largest batch per launch (default and upper bound: the engine profile maximum).",
+)
+@click.option("--max-queue-delay-ms", type=click.FloatRange(0), default=2.0, show_default=True)
+@click.option(
+    "--max-queue-size",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Queued requests beyond this are rejected at once (HTTP 503, gRPC UNAVAILABLE).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Per-request timeout in seconds (HTTP 504, gRPC DEADLINE_EXCEEDED).",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["round_robin", "least_busy"]),
+    default="round_robin",
+    show_default=True,
+    help="How batches are dealt across devices.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(0, min_open=True),
+    default=64.0,
+    show_default=True,
+    help="Largest request body (HTTP) / message (gRPC).",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, how long accepted requests may take to finish.",
+)
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
+def command(
+    engine_dirs: tuple[str, ...],
+    named: tuple[str, ...],
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    gpus: str | None,
+    devices: str | None,
+    max_batch_size: int | None,
+    max_queue_delay_ms: float,
+    max_queue_size: int,
+    timeout_s: float,
+    policy: str,
+    max_body_mb: float,
+    drain_timeout: float,
+    access_log: bool,
+) -> None:
+    """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
+
+    Each engine is a model named after its directory (or NAME=DIR via --name). Batches are
+    formed by a dynamic batcher and dealt across the devices; SIGTERM drains and exits 0.
+    """
+    import asyncio
+
+    from trtpipe.devices import parse_devices, parse_gpus
+    from trtpipe.errors import InputError
+    from trtpipe.server.app import InferenceServer, ServerConfig
+    from trtpipe.server.models import ModelRepository, ServeConfig
+
+    for spec in named:
+        if "=" not in spec:
+            raise InputError(f"--name {spec!r}: use NAME=ENGINE_DIR")
+    if not http_port and not grpc_port:
+        raise InputError("--http-port 0 and --grpc-port 0 leave nothing to serve on")
+    if gpus and devices:
+        raise InputError("give --gpus or --devices, not both")
+    chosen = parse_gpus(gpus) if gpus else parse_devices(devices or "cpu:1")
+    config = ServeConfig(
+        devices=chosen,
+        policy=policy,
+        max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+        max_queue_size=max_queue_size,
+        timeout_s=timeout_s,
+    )
+    repository = ModelRepository.from_specs([*engine_dirs, *named], config)
+    server = InferenceServer(
+        repository,
+        ServerConfig(
+            host=host,
+            http_port=http_port or None,
+            grpc_port=grpc_port or None,
+            max_body_bytes=int(max_body_mb * (1 << 20)),
+            drain_timeout_s=drain_timeout,
+            access_log=access_log,
+        ),
+    )
+    click.echo(
+        f"loading {', '.join(sorted(repository.models))} on {', '.join(map(str, chosen))} ...",
+        err=True,
+    )
+
+    def announce(started: InferenceServer) -> None:
+        parts = []
+        if started.http_port:
+            parts.append(f"HTTP http://{host}:{started.http_port}")
+        if started.grpc_port:
+            parts.append(f"gRPC {host}:{started.grpc_port}")
+        click.echo(f"serving {sorted(repository.models)} on {', '.join(parts)}", err=True)
+
+    asyncio.run(server.run(on_started=announce))
+    click.echo("server stopped", err=True)

@@ -1,0 +1,233 @@
+"""HTTP and gRPC front ends in one process and one event loop, with graceful shutdown.
+
+SIGTERM/SIGINT: readiness turns 503 at once (so a load balancer stops sending), both listeners
+stop accepting, requests already accepted finish (up to ``drain_timeout_s``), the batchers drain,
+the runners are closed, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from trtpipe.errors import InputError
+from trtpipe.server.grpc import create_grpc_server
+from trtpipe.server.http import ServerState, create_http_app
+from trtpipe.server.metrics import ServerMetrics
+from trtpipe.server.models import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    """Sockets and limits. A port of None disables that front end; 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    http_port: int | None = 8000
+    grpc_port: int | None = 8001
+    max_body_bytes: int = 64 << 20
+    drain_timeout_s: float = 30.0
+    access_log: bool = False
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the InferenceServer decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listen(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise InputError(
+            f"cannot listen for {what} on {host}:{port} ({exc.strerror}); "
+            f"choose another --{what.lower()}-port"
+        ) from None
+
+
+class InferenceServer:
+    """Starts the models, then HTTP and gRPC; stops them in the reverse order, draining."""
+
+    def __init__(self, repository: ModelRepository, config: ServerConfig | None = None):
+        self.repository = repository
+        self.config = config or ServerConfig()
+        self.state = ServerState()
+        self.metrics = ServerMetrics(repository)
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._uvicorn: _Uvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._grpc: Any = None
+        self._stop_requested: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        self._stop_requested = asyncio.Event()
+        try:
+            await self.repository.start()
+            await self._start_http()
+            await self._start_grpc()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "serving %s (http %s, grpc %s)",
+            sorted(m.name for m in self.repository),
+            self.http_port,
+            self.grpc_port,
+        )
+
+    async def _start_http(self) -> None:
+        if self.config.http_port is None:
+            return
+        sock = listen(self.config.host, self.config.http_port, "HTTP")
+        self.http_port = int(sock.getsockname()[1])
+        app = create_http_app(self.repository, self.metrics, self.state, self.config.max_body_bytes)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=self.config.access_log,
+            timeout_graceful_shutdown=int(self.config.drain_timeout_s),
+            lifespan="off",
+        )
+        self._uvicorn = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise InputError("the HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+
+    async def _start_grpc(self) -> None:
+        if self.config.grpc_port is None:
+            return
+        server = create_grpc_server(self.repository, self.state, self.config.max_body_bytes)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if ":" in self.config.host:
+            address = f"[{self.config.host}]:{self.config.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise InputError(
+                f"cannot listen for gRPC on {address}; choose another --grpc-port (0 disables)"
+            )
+        self.grpc_port = int(port)
+        await server.start()
+        self._grpc = server
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (call on the server's loop; signal handlers do)."""
+        self.state.draining = True
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def wait_stop_requested(self) -> None:
+        assert self._stop_requested is not None
+        await self._stop_requested.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, let accepted requests finish, drain the batchers, close the runners."""
+        self.state.draining = True
+        waits = []
+        if self._uvicorn is not None and self._http_task is not None:
+            self._uvicorn.should_exit = True
+            waits.append(self._http_task)
+        if self._grpc is not None:
+            waits.append(asyncio.ensure_future(self._grpc.stop(self.config.drain_timeout_s)))
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, SystemExit):
+                log.warning("front end stopped with %r", result)
+        await self.repository.stop(drain=True)
+        self._uvicorn = self._http_task = self._grpc = None
+        log.info("server stopped")
+
+    async def run(
+        self,
+        handle_signals: bool = True,
+        on_started: Callable[[InferenceServer], None] | None = None,
+    ) -> None:
+        """Start, serve until SIGTERM/SIGINT (or request_stop), then stop gracefully."""
+        await self.start()
+        if on_started is not None:
+            on_started(self)
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        try:
+            await self.wait_stop_requested()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("received %s: draining and stopping", signal.Signals(sig).name)
+        self.request_stop()
+
+
+class ServerThread:
+    """Run an InferenceServer on its own event loop in a background thread (tests, notebooks)."""
+
+    def __init__(self, server: InferenceServer, start_timeout_s: float = 120.0):
+        self.server = server
+        self.start_timeout_s = start_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            try:
+                await self.server.wait_stop_requested()
+            finally:
+                await self.server.stop()
+
+        asyncio.run(body())
+
+    def start(self) -> ServerThread:
+        self._thread = threading.Thread(target=self._main, name="trtpipe-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(self.start_timeout_s):
+            raise TimeoutError("server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.request_stop)
+            self._thread.join(timeout_s)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+"""One place that decides what an exception means on the wire (HTTP status, gRPC code).
+
+User mistakes are 400 / INVALID_ARGUMENT with the message; overload is 503 / UNAVAILABLE; an
+expired request is 504 / DEADLINE_EXCEEDED; a failing device is 500 / INTERNAL naming the
+device. Anything unexpected is logged with its traceback here and answered with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from trtpipe.errors import InputError, RunnerError, TrtpipeError
+from trtpipe.server.models import ModelNotFoundError, ModelNotReadyError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WireError:
+    http_status: int
+    grpc_code: str  # grpc.StatusCode member name
+    message: str
+
+
+def _runtime_errors() -> tuple[type[BaseException], type[BaseException]]:
+    from trtpipe.runtime.batcher import QueueFullError, RequestTimeoutError
+
+    return QueueFullError, RequestTimeoutError
+
+
+def classify(exc: BaseException) -> WireError:
+    queue_full, timed_out = _runtime_errors()
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, ModelNotFoundError):
+        return WireError(404, "NOT_FOUND", message)
+    if isinstance(exc, (ModelNotReadyError, queue_full)):
+        return WireError(503, "UNAVAILABLE", message)
+    if isinstance(exc, timed_out):
+        return WireError(504, "DEADLINE_EXCEEDED", message)
+    if isinstance(exc, RunnerError):
+        return WireError(500, "INTERNAL", message)
+    if isinstance(exc, InputError):
+        return WireError(400, "INVALID_ARGUMENT", message)
+    if isinstance(exc, TrtpipeError):
+        return WireError(500, "INTERNAL", message)
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return WireError(500, "INTERNAL", f"internal server error ({type(exc).__name__}: {exc})")

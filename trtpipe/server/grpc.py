@@ -1,0 +1,223 @@
+"""KServe v2 over gRPC (grpc.aio) with the service stubs that ship in ``tritonclient``.
+
+Inputs come as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; outputs
+always go back as ``raw_output_contents``, like Triton. Errors map to status codes in
+:mod:`trtpipe.server.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from trtpipe import __version__
+from trtpipe.server.errors import classify
+from trtpipe.server.http import EXTENSIONS, SERVER_NAME, ServerState
+from trtpipe.server.models import ModelRepository
+from trtpipe.server.protocol import (
+    InferRequest,
+    InputTensor,
+    ProtocolError,
+    RequestedOutput,
+    check_shape,
+    element_count,
+    numpy_dtype,
+    raw_data,
+    select_outputs,
+    tensor_from_raw,
+    v2_datatype,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Typed InferTensorContents field for each datatype (FP16 has none: raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameter_value(param: Any) -> Any:
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+def decode_request(request: Any) -> InferRequest:
+    """ModelInferRequest -> InferRequest, checking every stated size."""
+    if not request.inputs:
+        raise ProtocolError("infer request has no inputs")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send raw contents for every input or for none"
+        )
+    inputs: list[InputTensor] = []
+    for index, tensor in enumerate(request.inputs):
+        name, datatype = tensor.name, tensor.datatype
+        if not name:
+            raise ProtocolError(f"inputs[{index}] needs a name")
+        dtype = numpy_dtype(datatype, name)
+        shape = check_shape([int(d) for d in tensor.shape], name)
+        if "shared_memory_region" in tensor.parameters:
+            raise ProtocolError(f"input {name!r}: shared memory is not supported by this server")
+        if raw:
+            data = tensor_from_raw(name, datatype, shape, raw[index])
+        else:
+            field = CONTENTS_FIELD.get(datatype)
+            if field is None:
+                raise ProtocolError(f"input {name!r}: {datatype} must be sent as raw contents")
+            values = getattr(tensor.contents, field)
+            if len(values) != element_count(shape):
+                raise ProtocolError(
+                    f"input {name!r}: shape {shape} needs {element_count(shape)} elements, "
+                    f"contents has {len(values)}"
+                )
+            if datatype == "BYTES":
+                data = np.empty(len(values), dtype=object)
+                data[:] = list(values)
+                data = data.reshape(shape)
+            else:
+                try:
+                    data = np.array(values, dtype=dtype).reshape(shape)
+                except OverflowError as exc:
+                    raise ProtocolError(f"input {name!r}: values do not fit {datatype}") from exc
+        inputs.append(InputTensor(name, datatype, shape, data))
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"an input is given twice: {names}")
+    outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
+    parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
+    return InferRequest(inputs, outputs, request.id, parameters)
+
+
+def encode_response(model_name: str, version: str, request_id: str, outputs: Any) -> Any:
+    response = service_pb2.ModelInferResponse(
+        model_name=model_name, model_version=version, id=request_id
+    )
+    for name, array, _ in outputs:
+        entry = response.outputs.add()
+        entry.name = name
+        entry.datatype = v2_datatype(array.dtype)
+        entry.shape.extend(int(d) for d in array.shape)
+        response.raw_output_contents.append(raw_data(array))
+    return response
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The KServe v2 gRPC service over a model repository."""
+
+    def __init__(self, repository: ModelRepository, state: ServerState):
+        self.repository = repository
+        self.state = state
+
+    async def _guard(self, context: Any, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except Exception as exc:
+            wire = classify(exc)
+            await context.abort(getattr(grpc.StatusCode, wire.grpc_code), wire.message)
+            raise  # unreachable: abort raises
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self.state.ready(self.repository))
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            model = self.repository.get(request.name, request.version)
+            return service_pb2.ModelReadyResponse(ready=model.ready and not self.state.draining)
+
+        return await self._guard(context, work)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            doc = self.repository.get(request.name, request.version).metadata()
+            return json_format.ParseDict(
+                doc, service_pb2.ModelMetadataResponse(), ignore_unknown_fields=True
+            )
+
+        return await self._guard(context, work)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            doc = self.repository.get(request.name, request.version).model_config()
+            config = json_format.ParseDict(
+                doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True
+            )
+            return service_pb2.ModelConfigResponse(config=config)
+
+        return await self._guard(context, work)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            if request.name:
+                models = [self.repository.get(request.name, request.version)]
+            else:
+                models = list(self.repository)
+            response = service_pb2.ModelStatisticsResponse()
+            for model in models:
+                json_format.ParseDict(
+                    model.statistics(), response.model_stats.add(), ignore_unknown_fields=True
+                )
+            return response
+
+        return await self._guard(context, work)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        async def work() -> Any:
+            model = self.repository.get(request.model_name, request.model_version)
+            started = time.perf_counter_ns()
+            ok = False
+            try:
+                decoded = decode_request(request)
+                produced = await model.infer(decoded)
+                selected = select_outputs(produced, decoded.outputs, True)
+                response = encode_response(model.name, model.version, decoded.id, selected)
+                ok = True
+                return response
+            finally:
+                model.record(ok, started)
+
+        return await self._guard(context, work)
+
+
+def create_grpc_server(
+    repository: ModelRepository, state: ServerState, max_message_bytes: int = 64 << 20
+) -> Any:
+    """A grpc.aio server with the servicer added; the caller binds ports and starts it."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(repository, state), server
+    )
+    return server

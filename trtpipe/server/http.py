@@ -1,0 +1,329 @@
+"""KServe v2 over HTTP (FastAPI, run by uvicorn) plus OpenAI-compatible ``/v1/embeddings``.
+
+Every error is a JSON ``{"error": "..."}`` (OpenAI shape under ``/v1``) with the status chosen in
+:mod:`trtpipe.server.errors`; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from trtpipe import __version__
+from trtpipe.server.errors import classify
+from trtpipe.server.metrics import CONTENT_TYPE, ServerMetrics
+from trtpipe.server.models import ModelNotFoundError, ModelRepository, ServedModel
+from trtpipe.server.protocol import (
+    ProtocolError,
+    encode_http_response,
+    parse_http_request,
+    select_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "trtpipe"
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
+HEADER_LENGTH = "inference-header-content-length"
+OFFLOAD_BYTES = 1 << 20  # decode/encode bodies larger than this off the event loop
+MAX_EMBEDDING_INPUTS = 2048
+
+
+@dataclass
+class ServerState:
+    """Shared by the front ends: a draining server reports not-ready and refuses new work."""
+
+    draining: bool = False
+
+    def ready(self, repository: ModelRepository) -> bool:
+        return not self.draining and repository.ready
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+class OpenAIError(Exception):
+    """Wraps an error raised under /v1 so it is rendered in OpenAI's error shape."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, never holding more than ``limit`` bytes (the rest is read and dropped).
+
+    Reading past the limit lets the client receive the 400 instead of a reset connection.
+    """
+    declared = request.headers.get("content-length")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total <= limit:
+            chunks.append(chunk)
+        else:
+            chunks.clear()
+    if total > limit:
+        raise ProtocolError(
+            f"request body is {declared or total} bytes, over the server limit of {limit} bytes "
+            "(raise --max-body-mb)"
+        )
+    body = b"".join(chunks)
+    encoding = (request.headers.get("content-encoding") or "").lower()
+    if encoding in ("gzip", "deflate"):
+        body = inflate(body, encoding, limit)
+    elif encoding not in ("", "identity"):
+        raise ProtocolError(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    return body
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or decoder.unconsumed_tail:
+        raise ProtocolError(f"decompressed body is over the server limit of {limit} bytes")
+    return out
+
+
+def create_http_app(
+    repository: ModelRepository,
+    metrics: ServerMetrics,
+    state: ServerState | None = None,
+    max_body_bytes: int = 64 << 20,
+) -> FastAPI:
+    state = state or ServerState()
+    app = FastAPI(title="trtpipe", version=__version__, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        wire = classify(exc.cause)
+        kind = "invalid_request_error" if wire.http_status < 500 else "server_error"
+        return JSONResponse(
+            {"error": {"message": wire.message, "type": kind, "param": None, "code": None}},
+            status_code=wire.http_status,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return JSONResponse({"error": message}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+        wire = classify(exc)
+        return JSONResponse({"error": wire.message}, status_code=wire.http_status)
+
+    # -- health and metadata ---------------------------------------------------------------------
+    @app.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        ok = state.ready(repository)
+        body = {
+            "ready": ok,
+            "draining": state.draining,
+            "models": {
+                m.name: {"ready": m.ready, "devices": m.devices_status()} for m in repository
+            },
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def metadata() -> JSONResponse:
+        return JSONResponse(server_metadata())
+
+    @app.get("/v2/models/stats")
+    async def all_stats() -> JSONResponse:
+        return JSONResponse({"model_stats": [m.statistics() for m in repository]})
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str, version: str = "") -> JSONResponse:
+        return JSONResponse({"model_stats": [repository.get(name, version).statistics()]})
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str = "") -> JSONResponse:
+        return JSONResponse(repository.get(name, version).metadata())
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str = "") -> JSONResponse:
+        model = repository.get(name, version)
+        ok = model.ready and not state.draining
+        body = {"name": model.name, "ready": ok, "devices": model.devices_status()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str = "") -> JSONResponse:
+        return JSONResponse(repository.get(name, version).model_config())
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> JSONResponse:
+        return JSONResponse(
+            [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "state": "READY" if m.ready else "UNAVAILABLE",
+                }
+                for m in repository
+            ]
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- inference ------------------------------------------------------------------------------
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str = "") -> Response:
+        model = repository.get(name, version)
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            body = await read_body(request, max_body_bytes)
+            payload, header_length = await run_infer(
+                model, body, request.headers.get(HEADER_LENGTH)
+            )
+            ok = True
+        finally:
+            model.record(ok, started)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
+
+    # -- OpenAI-compatible -----------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def openai_models() -> JSONResponse:
+        created = int(time.time())
+        data = [
+            {"id": m.name, "object": "model", "created": created, "owned_by": SERVER_NAME}
+            for m in repository
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> JSONResponse:
+        try:
+            body = await read_body(request, max_body_bytes)
+            texts, model, encoding = parse_embeddings_request(body, repository)
+        except Exception as exc:
+            raise OpenAIError(exc) from exc
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            vectors, tokens = await model.embed(texts)
+            ok = True
+        except Exception as exc:
+            raise OpenAIError(exc) from exc
+        finally:
+            model.record(ok, started)
+        data = [
+            {"object": "embedding", "index": i, "embedding": embedding_value(v, encoding)}
+            for i, v in enumerate(vectors)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": model.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    return app
+
+
+async def run_infer(
+    model: ServedModel, body: bytes, header_length: str | None
+) -> tuple[bytes, int | None]:
+    large = len(body) > OFFLOAD_BYTES
+    if large:
+        request = await asyncio.to_thread(parse_http_request, body, header_length)
+    else:
+        request = parse_http_request(body, header_length)
+    produced = await model.infer(request)
+    selected = select_outputs(produced, request.outputs, request.binary_default)
+    size = sum(array.nbytes for _, array, _ in selected)
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(
+            encode_http_response, model.name, model.version, request.id, selected
+        )
+    return encode_http_response(model.name, model.version, request.id, selected)
+
+
+def parse_embeddings_request(
+    body: bytes, repository: ModelRepository
+) -> tuple[list[str], ServedModel, str]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON in embeddings request: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("embeddings request must be a JSON object")
+    name = doc.get("model")
+    if name is None:
+        embedders = [m for m in repository if m.is_embedding_model]
+        if len(embedders) != 1:
+            raise ProtocolError(
+                f"'model' is required; embedding models: {[m.name for m in embedders]}"
+            )
+        model = embedders[0]
+    elif not isinstance(name, str):
+        raise ProtocolError("'model' must be a string")
+    else:
+        model = repository.get(name)
+    raw = doc.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise ProtocolError("'input' must be a string or a non-empty list of strings")
+    if not all(isinstance(t, str) for t in texts):
+        raise ProtocolError("'input' must hold strings (token-id input is not supported)")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise ProtocolError(f"'input' holds {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS}")
+    encoding = doc.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ProtocolError(f"encoding_format {encoding!r} is not supported; use float or base64")
+    if doc.get("dimensions") is not None:
+        raise ProtocolError("'dimensions' is not supported: the engine's width is fixed")
+    if not model.is_embedding_model:
+        raise ProtocolError(
+            f"model {model.name!r} is a {model.manifest.task} engine; /v1/embeddings needs a "
+            "feature-extraction engine"
+        )
+    return texts, model, encoding
+
+
+def embedding_value(vector: np.ndarray, encoding: str) -> Any:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return np.asarray(vector, dtype=np.float32).tolist()
+
+
+__all__ = ["ModelNotFoundError", "ServerState", "create_http_app"]
