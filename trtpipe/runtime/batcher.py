@@ -423,7 +423,7 @@ class DynamicBatcher:
     async def _launch(self, batch: list[_Request]) -> None:
         start_ns = time.perf_counter_ns()
         try:
-            padded = max(r.bucket for r in batch)
+            padded = self._padded_length(batch)
             feeds = self._assemble(batch, padded)
             infer_ns = time.perf_counter_ns()
             outputs = await self.pool.run(feeds)
@@ -458,6 +458,14 @@ class DynamicBatcher:
         finally:
             self._inflight -= 1
             self._notify()
+
+    @staticmethod
+    def _padded_length(batch: list[_Request]) -> int:
+        """The batch's bucket, or its one length when all requests share it (no padding)."""
+        lengths = {r.seq_len for r in batch}
+        if len(lengths) == 1:
+            return lengths.pop()
+        return max(r.bucket for r in batch)
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         request.state = "done"

@@ -1,0 +1,404 @@
+"""Dynamic batcher with a recording fake runner: rows back, padding, limits, queue, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from trtpipe.devices import Device
+from trtpipe.engine import ShapeRange, TensorSpec
+from trtpipe.errors import InputError, RunnerError
+from trtpipe.runners.base import Runner
+from trtpipe.runtime import (
+    BatcherConfig,
+    BatcherStoppedError,
+    DevicePool,
+    DynamicBatcher,
+    QueueFullError,
+    RequestTimeoutError,
+)
+
+SEQ = ["batch", "sequence"]
+INPUTS = [
+    TensorSpec("input_ids", "int64", [-1, -1], SEQ),
+    TensorSpec("attention_mask", "int64", [-1, -1], SEQ),
+]
+OUTPUTS = [
+    TensorSpec("token_out", "int64", [-1, -1], SEQ),
+    TensorSpec("sentence", "int64", [-1], ["batch"]),
+]
+PROFILE = {name: ShapeRange([1, 1], [4, 16], [8, 64]) for name in ("input_ids", "attention_mask")}
+
+
+class RecordingRunner(Runner):
+    """Test double: a masked toy model that records the shape of every launch.
+
+    ``token_out = 10 * ids + mask`` (shows where padding went) and ``sentence = sum(ids * mask)``
+    (padding-invariant, like a pooled embedding). Can hold a launch until a gate opens, or fail.
+    """
+
+    backend = "fake"
+
+    def __init__(self, device: Device, launches: list[tuple[str, tuple[int, ...]]]):
+        super().__init__(device)
+        self.launches = launches
+        self.gate: threading.Event | None = None
+        self.fail = False
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return INPUTS
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return OUTPUTS
+
+    @property
+    def profile(self) -> dict[str, ShapeRange]:
+        return PROFILE
+
+    def load(self) -> None:
+        self.loaded = True
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        assert ids.shape == mask.shape
+        self.launches.append((str(self.device), ids.shape))
+        if self.gate is not None:
+            assert self.gate.wait(5), "test gate never released"
+        if self.fail:
+            raise RunnerError(f"injected fault on {self.device}")
+        return {"token_out": 10 * ids + mask, "sentence": (ids * mask).sum(axis=1)}
+
+
+class Harness:
+    def __init__(self, devices: int = 1, **config: Any):
+        self.launches: list[tuple[str, tuple[int, ...]]] = []
+        self.runners: dict[int, RecordingRunner] = {}
+
+        def factory(device: Device) -> Runner:
+            runner = RecordingRunner(device, self.launches)
+            self.runners[device.index] = runner
+            return runner
+
+        self.pool = DevicePool(factory, [Device("cpu", i) for i in range(devices)])
+        self.pool.start()
+        self.batcher = DynamicBatcher(self.pool, BatcherConfig(**config))
+
+    def hold(self, index: int = 0) -> threading.Event:
+        gate = threading.Event()
+        self.runners[index].gate = gate
+        return gate
+
+    def rows_per_launch(self) -> list[int]:
+        return [shape[0] for _, shape in self.launches]
+
+
+def run(harness: Harness, scenario: Callable[[DynamicBatcher], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        await harness.batcher.start()
+        try:
+            return await scenario(harness.batcher)
+        finally:
+            for runner in harness.runners.values():
+                if runner.gate is not None:
+                    runner.gate.set()
+            await harness.batcher.stop()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        harness.pool.close()
+
+
+def request(seed: int, rows: int, length: int) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(1, 1000, size=(rows, length), dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def check(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+    ids = feeds["input_ids"]
+    np.testing.assert_array_equal(out["token_out"], 10 * ids + 1)
+    np.testing.assert_array_equal(out["sentence"], ids.sum(axis=1))
+
+
+def test_concurrent_requests_of_mixed_lengths_each_get_their_own_rows() -> None:
+    harness = Harness(devices=2, max_queue_delay_ms=5)
+    rng = np.random.default_rng(0)
+    reqs = [request(i, int(rng.integers(1, 4)), int(rng.integers(1, 65))) for i in range(48)]
+
+    async def scenario(batcher: DynamicBatcher) -> list[dict[str, np.ndarray]]:
+        return list(await asyncio.gather(*(batcher.submit(r) for r in reqs)))
+
+    outs = run(harness, scenario)
+    for feeds, out in zip(reqs, outs, strict=True):
+        check(feeds, out)
+    stats = harness.batcher.stats
+    total_rows = sum(r["input_ids"].shape[0] for r in reqs)
+    assert stats.request_success == 48 and stats.request_failure == 0
+    assert stats.inference_count == total_rows == sum(harness.rows_per_launch())
+    assert stats.execution_count == len(harness.launches) < 48
+    assert stats.average_batch_size > 1
+    assert max(harness.rows_per_launch()) <= 8
+    # a launch is padded to a multiple of 8 unless its requests share one length; length
+    # groups keep the padding well under half the tokens; both devices were used
+    lengths = {r["input_ids"].shape[1] for r in reqs}
+    assert all(shape[1] % 8 == 0 or shape[1] in lengths for _, shape in harness.launches)
+    assert 0 < stats.padding_ratio < 0.5
+    assert {device for device, _ in harness.launches} == {"cpu:0", "cpu:1"}
+    assert stats.queue_ns > 0 and stats.compute_infer_ns > 0
+    assert sum(b.count for b in stats.batch_sizes.values()) == stats.execution_count
+
+
+def test_never_more_than_max_batch_size_rows_per_launch() -> None:
+    harness = Harness(max_batch_size=3, max_queue_delay_ms=20)
+    reqs = [request(i, 1 + i % 3, 8) for i in range(12)]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+        with pytest.raises(InputError, match="4 rows; this model takes at most 3"):
+            await batcher.submit(request(99, 4, 8))
+
+    run(harness, scenario)
+    assert max(harness.rows_per_launch()) == 3
+    assert sum(harness.rows_per_launch()) == sum(1 + i % 3 for i in range(12))
+
+
+def test_max_batch_size_is_capped_at_the_profile_maximum() -> None:
+    harness = Harness(max_batch_size=100)
+
+    async def scenario(batcher: DynamicBatcher) -> int:
+        return batcher.max_batch_size
+
+    assert run(harness, scenario) == 8
+
+
+def test_short_and_long_requests_are_grouped_apart_and_padded_to_buckets() -> None:
+    harness = Harness(max_queue_delay_ms=30, adaptive_delay=False)
+    lengths = [3, 5, 60, 6, 50, 2]
+    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+            assert out["token_out"].shape == feeds["input_ids"].shape
+
+    run(harness, scenario)
+    # short ones (group 8) padded to 8, long ones (group 64) padded to 64 (60 -> 64)
+    assert sorted(shape for _, shape in harness.launches) == [(2, 64), (4, 8)]
+    assert harness.batcher.stats.padded_tokens == (8 * 4 - 16) + (128 - 110)
+
+
+def test_left_padding_cuts_per_token_outputs_from_the_right_place() -> None:
+    harness = Harness(max_queue_delay_ms=30, adaptive_delay=False, padding_side="left")
+    reqs = [request(1, 2, 3), request(2, 1, 7)]
+    captured: dict[str, np.ndarray] = {}
+    runner_infer = RecordingRunner._infer
+
+    def spy(self: RecordingRunner, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        captured.update(feeds)
+        return runner_infer(self, feeds)
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+
+    RecordingRunner._infer = spy  # type: ignore[method-assign]
+    try:
+        run(harness, scenario)
+    finally:
+        RecordingRunner._infer = runner_infer  # type: ignore[method-assign]
+    assert harness.launches == [("cpu:0", (3, 8))]
+    np.testing.assert_array_equal(captured["attention_mask"][0], [0] * 5 + [1] * 3)
+    np.testing.assert_array_equal(captured["attention_mask"][2], [0] + [1] * 7)
+    np.testing.assert_array_equal(captured["input_ids"][2, 1:], reqs[1]["input_ids"][0])
+
+
+def test_bad_requests_fail_at_once_and_never_reach_a_device() -> None:
+    harness = Harness()
+    good = request(0, 1, 4)
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        cases = [
+            ({"input_ids": good["input_ids"]}, "missing input"),
+            ({**good, "extra": good["input_ids"]}, "unknown input"),
+            ({**good, "input_ids": good["input_ids"].astype(np.float32)}, "dtype float32"),
+            (request(1, 1, 65), "outside the engine's profile"),
+            ({**good, "attention_mask": np.ones((1, 5), np.int64)}, "disagree"),
+            (request(2, 9, 4), "outside the engine's profile"),
+        ]
+        for feeds, message in cases:
+            with pytest.raises(InputError, match=message):
+                await batcher.submit(feeds)
+        check(good, await batcher.submit(good))
+
+    run(harness, scenario)
+    assert harness.launches == [("cpu:0", (1, 4))]
+    assert harness.batcher.stats.request_failure == 6
+    assert harness.batcher.stats.request_success == 1
+
+
+def test_full_queue_is_rejected_quickly() -> None:
+    harness = Harness(max_queue_size=4, max_queue_delay_ms=0)
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        gate = harness.hold()
+        first = asyncio.ensure_future(batcher.submit(request(0, 8, 4)))  # fills the device
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(request(i, 1, 4))) for i in range(1, 5)]
+        await asyncio.sleep(0.01)
+        assert batcher.pending == 4
+        started = time.perf_counter()
+        with pytest.raises(QueueFullError, match="queue is full"):
+            await batcher.submit(request(9, 1, 4))
+        assert time.perf_counter() - started < 0.05
+        gate.set()
+        check(request(0, 8, 4), await first)
+        for i, task in enumerate(queued, start=1):
+            check(request(i, 1, 4), await task)
+
+    run(harness, scenario)
+    assert harness.batcher.stats.rejected_queue_full == 1
+    assert harness.batcher.stats.request_success == 5
+
+
+def test_request_waiting_too_long_times_out() -> None:
+    harness = Harness(timeout_s=0.2)
+
+    async def scenario(batcher: DynamicBatcher) -> float:
+        gate = harness.hold()
+        busy = asyncio.ensure_future(batcher.submit(request(0, 8, 4)))
+        await asyncio.sleep(0.02)
+        started = time.perf_counter()
+        with pytest.raises(RequestTimeoutError, match="within 0.2 s .*in the queue"):
+            await batcher.submit(request(1, 1, 4))
+        waited = time.perf_counter() - started
+        gate.set()
+        await asyncio.gather(busy, return_exceptions=True)
+        return waited
+
+    waited = run(harness, scenario)
+    assert 0.15 < waited < 1.0
+    assert harness.batcher.stats.timeouts >= 1
+    # the timed-out request never reached the device
+    assert all(shape[0] == 8 for _, shape in harness.launches)
+
+
+def test_graceful_stop_refuses_new_requests_and_finishes_accepted_ones() -> None:
+    harness = Harness(max_batch_size=2, max_queue_delay_ms=0)
+    reqs = [request(i, 1, 4 + i) for i in range(6)]
+
+    async def main() -> None:
+        batcher = harness.batcher
+        await batcher.start()
+        gate = harness.hold()
+        tasks = [asyncio.ensure_future(batcher.submit(r)) for r in reqs]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(batcher.stop(drain=True))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BatcherStoppedError, match="not accepting"):
+            await batcher.submit(request(9, 1, 4))
+        assert not stopping.done()  # still draining
+        gate.set()
+        await stopping
+        for feeds, task in zip(reqs, tasks, strict=True):
+            assert task.done()
+            check(feeds, task.result())
+
+    try:
+        asyncio.run(main())
+    finally:
+        harness.pool.close()
+    assert harness.batcher.stats.request_success == 6
+    assert sum(harness.rows_per_launch()) == 6
+
+
+def test_stop_without_drain_fails_the_queued_requests() -> None:
+    harness = Harness(max_batch_size=1, max_queue_delay_ms=0)
+
+    async def main() -> list[Any]:
+        batcher = harness.batcher
+        await batcher.start()
+        gate = harness.hold()
+        tasks = [asyncio.ensure_future(batcher.submit(request(i, 1, 4))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(batcher.stop(drain=False))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await stopping
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        harness.pool.close()
+    check(request(0, 1, 4), results[0])  # was running: finished
+    assert all(isinstance(r, BatcherStoppedError) for r in results[1:])
+
+
+def test_a_failing_device_fails_only_its_own_batch() -> None:
+    harness = Harness(devices=2, max_batch_size=2, max_queue_delay_ms=0)
+    harness.pool.retry_on_failure = False
+    harness.runners[1].fail = True
+    reqs = [request(i, 1, 4) for i in range(8)]
+
+    async def scenario(batcher: DynamicBatcher) -> list[Any]:
+        return list(
+            await asyncio.gather(*(batcher.submit(r) for r in reqs), return_exceptions=True)
+        )
+
+    async def scenario_and_status(batcher: DynamicBatcher) -> list[Any]:
+        results = await scenario(batcher)
+        assert harness.pool.ready
+        assert [s["healthy"] for s in harness.pool.devices_status()] == [True, False]
+        return results
+
+    results = run(harness, scenario_and_status)
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert 1 <= len(failed) <= 2  # one batch of at most 2 requests
+    assert all(isinstance(r, RunnerError) and "cpu:1" in str(r) for r in failed)
+    for feeds, result in zip(reqs, results, strict=True):
+        if not isinstance(result, Exception):
+            check(feeds, result)
+    assert harness.batcher.stats.request_failure == len(failed)
+
+
+def test_delay_collects_a_batch_but_a_lone_client_does_not_wait() -> None:
+    async def lone(batcher: DynamicBatcher) -> float:
+        await batcher.submit(request(0, 1, 4))
+        started = time.perf_counter()
+        for i in range(3):
+            await batcher.submit(request(i, 1, 4))
+        return (time.perf_counter() - started) / 3
+
+    assert run(Harness(max_queue_delay_ms=150), lone) < 0.1
+    assert run(Harness(max_queue_delay_ms=150, adaptive_delay=False), lone) >= 0.15
+
+    harness = Harness(max_queue_delay_ms=100, adaptive_delay=False)
+
+    async def trickle(batcher: DynamicBatcher) -> None:
+        tasks = []
+        for i in range(3):
+            tasks.append(asyncio.ensure_future(batcher.submit(request(i, 1, 4))))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+
+    run(harness, trickle)
+    assert harness.rows_per_launch() == [3]
+
+
+def test_bad_config_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="padding side"):
+        BatcherConfig(padding_side="middle").validate()
+    with pytest.raises(InputError, match="max queue size"):
+        BatcherConfig(max_queue_size=0).validate()
