@@ -280,7 +280,7 @@ def test_request_waiting_too_long_times_out() -> None:
         busy = asyncio.ensure_future(batcher.submit(request(0, 8, 4)))
         await asyncio.sleep(0.02)
         started = time.perf_counter()
-        with pytest.raises(RequestTimeoutError, match="within 0.2 s .*in the queue"):
+        with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s .*in the queue"):
             await batcher.submit(request(1, 1, 4))
         waited = time.perf_counter() - started
         gate.set()
