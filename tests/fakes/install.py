@@ -11,6 +11,7 @@ module would shadow it in every test signature), or use ``fake_gpu`` as a plugin
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import types
 from collections.abc import Iterator
@@ -42,10 +43,34 @@ def _owned(name: str) -> bool:
     return name in ("tensorrt", "cuda") or name.startswith(("tensorrt.", "cuda."))
 
 
+def _captured_fakes(before: set[str], fakes: list[Any]) -> list[str]:
+    """Modules imported while the fakes were installed that still hold one of them."""
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name in before or _owned(name) or name.startswith("tests.fakes"):
+            continue
+        values = getattr(module, "__dict__", {}).values()
+        if any(any(value is fake for fake in fakes) for value in values):
+            found.append(name)
+    return found
+
+
 @contextlib.contextmanager
 def installed_fakes(
-    device_count: int = 1, capability: tuple[int, int] = (9, 0), version: str = "10.13.3.9"
+    device_count: int = 1,
+    capability: tuple[int, int] = (9, 0),
+    version: str = "10.13.3.9",
+    preimport: tuple[str, ...] = (),
 ) -> Iterator[FakeGpu]:
+    """Install the fakes; ``preimport`` names modules to import first, with the real modules.
+
+    Libraries that probe for ``tensorrt`` at import time (ModelOpt's ``modelopt.onnx.trt_utils``
+    does) must be imported before the fakes go in, or they would keep the fake afterwards;
+    teardown fails loudly if that happened.
+    """
+    for name in preimport:
+        importlib.import_module(name)
+    before = set(sys.modules)
     cuda_runtime.STATE = cuda_runtime.State(device_count, capability)
     fake_tensorrt.reset(version)
     saved = {name: module for name, module in sys.modules.items() if _owned(name)}
@@ -71,6 +96,12 @@ def installed_fakes(
         for name in [n for n in sys.modules if _owned(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
+    captured = _captured_fakes(before, [fake_tensorrt, cuda_runtime, cuda_pkg, bindings])
+    if captured:
+        raise RuntimeError(
+            f"{captured} imported the fake tensorrt/cuda and would keep it; "
+            "pass them to installed_fakes(preimport=...)"
+        )
 
 
 @pytest.fixture
