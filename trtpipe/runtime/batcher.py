@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.engine import TensorSpec
 from trtpipe.errors import InputError, RunnerError, TrtpipeError
 from trtpipe.runners.base import validate_feeds
+from trtpipe.runtime.padding import Layout, length_group, pad_and_stack, split_outputs
 from trtpipe.runtime.pool import DevicePool
 from trtpipe.runtime.stats import BatcherStats
 
@@ -93,33 +93,6 @@ class _Request:
     timer: asyncio.TimerHandle | None = None
 
 
-class _Layout:
-    """Which axes of which tensors are batch and sequence axes, from the engine specs."""
-
-    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], profile: Any):
-        self.inputs = inputs
-        self.outputs = {spec.name: spec for spec in outputs}
-        self.batchable = bool(inputs) and all(s.dims[:1] == ["batch"] for s in inputs)
-        self.seq_axes = {
-            s.name: [i for i, d in enumerate(s.dims) if d == "sequence"] for s in inputs
-        }
-        self.out_seq_axes = {
-            s.name: [i for i, d in enumerate(s.dims) if d == "sequence"] for s in outputs
-        }
-        limits = [
-            profile[name].max[axis]
-            for name, axes in self.seq_axes.items()
-            for axis in axes
-            if name in profile
-        ]
-        self.max_seq = min(limits) if limits else None
-
-
-def _length_group(bucket: int) -> int:
-    """Smallest power of two >= bucket: padding inside a group wastes less than half."""
-    return 1 << max(bucket - 1, 0).bit_length() if bucket > 0 else 0
-
-
 class DynamicBatcher:
     """Queue, group, pad, launch on the pool, and hand each request its own rows back."""
 
@@ -138,7 +111,7 @@ class DynamicBatcher:
         self._running = False
         self._stopping = False
         self._last_launch_requests = 0
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self.max_batch_size = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -148,7 +121,7 @@ class DynamicBatcher:
             return
         if not self.pool.started:
             await asyncio.to_thread(self.pool.start)
-        self._layout = _Layout(self.pool.inputs, self.pool.outputs, self.pool.profile)
+        self._layout = Layout(self.pool.inputs, self.pool.outputs, self.pool.profile)
         limit = self.pool.max_batch_size
         wanted = self.config.max_batch_size or limit
         if wanted > limit:
@@ -281,7 +254,7 @@ class DynamicBatcher:
             )
             for spec in layout.inputs
         )
-        group = _length_group(bucket) if self.config.group_by_length else 0
+        group = length_group(bucket) if self.config.group_by_length else 0
         if not layout.batchable:
             group = seq_len
         return _Request(
@@ -424,11 +397,20 @@ class DynamicBatcher:
         start_ns = time.perf_counter_ns()
         try:
             padded = self._padded_length(batch)
-            feeds = self._assemble(batch, padded)
+            right = self.config.padding_side == "right"
+            feeds = pad_and_stack(
+                self._layout_checked(),
+                [(r.feeds, r.rows) for r in batch],
+                padded,
+                self.config.pad_token_ids,
+                right,
+            )
             infer_ns = time.perf_counter_ns()
             outputs = await self.pool.run(feeds)
             output_ns = time.perf_counter_ns()
-            results = self._split(batch, outputs, padded)
+            results = split_outputs(
+                self._layout_checked(), outputs, [(r.rows, r.seq_len) for r in batch], padded, right
+            )
             end_ns = time.perf_counter_ns()
         except Exception as exc:
             error = exc if isinstance(exc, TrtpipeError) else RunnerError(f"batch failed: {exc}")
@@ -458,6 +440,10 @@ class DynamicBatcher:
         finally:
             self._inflight -= 1
             self._notify()
+
+    def _layout_checked(self) -> Layout:
+        assert self._layout is not None, "start() the batcher first"
+        return self._layout
 
     @staticmethod
     def _padded_length(batch: list[_Request]) -> int:
@@ -489,70 +475,3 @@ class DynamicBatcher:
             ),
         )
         self._notify()
-
-    def _assemble(self, batch: list[_Request], padded: int) -> dict[str, np.ndarray]:
-        """Concatenate the requests' rows, padding sequence axes to ``padded``."""
-        layout = self._layout
-        assert layout is not None
-        if len(batch) == 1 and batch[0].seq_len == padded:
-            return batch[0].feeds
-        right = self.config.padding_side == "right"
-        total = sum(r.rows for r in batch)
-        feeds: dict[str, np.ndarray] = {}
-        for spec in layout.inputs:
-            arrays = [r.feeds[spec.name] for r in batch]
-            axes = layout.seq_axes[spec.name]
-            if not axes or all(a.shape[axis] == padded for a in arrays for axis in axes):
-                feeds[spec.name] = np.concatenate(arrays, axis=0)
-                continue
-            shape = list(arrays[0].shape)
-            shape[0] = total
-            for axis in axes:
-                shape[axis] = padded
-            pad = self.config.pad_token_ids.get(spec.name, 0)
-            out = np.full(shape, pad, dtype=arrays[0].dtype)
-            row = 0
-            for array in arrays:
-                index: list[slice] = [slice(None)] * array.ndim
-                index[0] = slice(row, row + array.shape[0])
-                for axis in axes:
-                    length = array.shape[axis]
-                    index[axis] = slice(0, length) if right else slice(padded - length, padded)
-                out[tuple(index)] = array
-                row += array.shape[0]
-            feeds[spec.name] = out
-        return feeds
-
-    def _split(
-        self, batch: list[_Request], outputs: dict[str, np.ndarray], padded: int
-    ) -> list[dict[str, np.ndarray]]:
-        """Each request's own rows; per-token outputs cut back to its own length."""
-        layout = self._layout
-        assert layout is not None
-        if len(batch) == 1 and batch[0].seq_len == padded:
-            return [outputs]
-        right = self.config.padding_side == "right"
-        total = sum(r.rows for r in batch)
-        results: list[dict[str, np.ndarray]] = [{} for _ in batch]
-        for name, array in outputs.items():
-            spec = layout.outputs.get(name)
-            batched = (spec.dims[:1] == ["batch"]) if spec else array.shape[:1] == (total,)
-            if batched and array.shape[0] != total:
-                raise RunnerError(
-                    f"output {name!r} has {array.shape[0]} rows for a batch of {total}"
-                )
-            axes = [a for a in layout.out_seq_axes.get(name, []) if array.shape[a] == padded]
-            row = 0
-            for request, result in zip(batch, results, strict=True):
-                if not batched:
-                    result[name] = array
-                    continue
-                index: list[slice] = [slice(None)] * array.ndim
-                index[0] = slice(row, row + request.rows)
-                length = request.seq_len
-                if length < padded:
-                    for axis in axes:
-                        index[axis] = slice(0, length) if right else slice(padded - length, padded)
-                result[name] = array[tuple(index)]
-                row += request.rows
-        return results
