@@ -147,3 +147,34 @@ def scripted_pool(
         )
 
     return factory
+
+
+def fetch(
+    port: int,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, bytes]:
+    """(status, body) of one HTTP request; error statuses are returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, headers=headers or {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def json_infer_body(feeds: dict[str, np.ndarray]) -> bytes:
+    import json
+
+    tensors = [
+        {"name": n, "datatype": "INT64", "shape": list(a.shape), "data": a.ravel().tolist()}
+        for n, a in feeds.items()
+    ]
+    return json.dumps({"inputs": tensors}).encode()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from tests.server_utils import fetch as fetch_port
 from tests.server_utils import random_feeds, reference_runner, start_server, text_feeds
 from trtpipe.server.app import ServerThread
 
@@ -52,22 +51,15 @@ def grpc(server: ServerThread) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(f"127.0.0.1:{server.server.grpc_port}")
 
 
-def url(server: ServerThread, path: str) -> str:
-    return f"http://127.0.0.1:{server.server.http_port}{path}"
-
-
 def fetch(
     server: ServerThread,
     path: str,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
-    request = urllib.request.Request(url(server, path), data=body, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+    port = server.server.http_port
+    assert port is not None
+    return fetch_port(port, path, body, headers)
 
 
 def http_inputs(feeds: dict[str, np.ndarray], binary: bool) -> list[httpclient.InferInput]:
