@@ -113,6 +113,11 @@ def calibration_feeds(
     tokenizer = load_tokenizer(str(model_dir))
     max_len = min((r.max[1] for r in profile.values() if len(r.max) > 1), default=128)
     batch = min((r.max[0] for r in profile.values()), default=len(texts))
+    if any(spec.name.startswith("past_key_values") for spec in inputs):
+        from trtpipe.generation.prompts import decoder_feeds
+
+        # Decoders: prefill feeds (empty past), the shapes generation starts with.
+        return decoder_feeds(tokenizer, texts[:batch], inputs, max_length=min(max_len, 128))
     feeds = encode(tokenizer, texts[:batch], inputs, max_length=min(max_len, 128))
     if "input_ids" in feeds and feeds["input_ids"].shape[1] < 2:
         raise InputError("calibration text tokenizes to nothing usable")

@@ -136,6 +136,7 @@ def build_profile(
         for kind in ("sequence", "past"):
             ranges[kind][2] = min(ranges[kind][2], position_limit)
             ranges[kind][1] = min(ranges[kind][1], ranges[kind][2])
+    given_kinds: set[tuple[str, int]] = set()
     for slot, given in enumerate((min_shapes, opt_shapes, max_shapes)):
         for spec in inputs:
             if spec.name not in given:
@@ -149,6 +150,11 @@ def build_profile(
             for kind, value in zip(spec.dims, values, strict=True):
                 if kind in ranges:
                     ranges[kind][slot] = value
+                    given_kinds.add((kind, slot))
+    for kind, values in ranges.items():
+        # A default opt outside a user-given max/min follows it instead of failing.
+        if (kind, 1) not in given_kinds:
+            values[1] = min(max(values[1], values[0]), values[2])
     for kind, (low, best, high) in ranges.items():
         if not low <= best <= high:
             raise InputError(
@@ -171,9 +177,13 @@ def build_profile(
                 opt.append(size)
                 hi.append(size)
             elif kind == "total":
+                # past + new tokens can never exceed the model's positions.
+                total_hi = ranges["sequence"][2] + ranges["past"][2]
+                if position_limit:
+                    total_hi = min(total_hi, position_limit)
                 lo.append(ranges["sequence"][0] + ranges["past"][0])
-                opt.append(ranges["sequence"][1] + ranges["past"][1])
-                hi.append(ranges["sequence"][2] + ranges["past"][2])
+                opt.append(min(ranges["sequence"][1] + ranges["past"][1], total_hi))
+                hi.append(total_hi)
             elif kind in ranges:
                 lo.append(ranges[kind][0])
                 opt.append(ranges[kind][1])

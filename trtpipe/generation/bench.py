@@ -1,0 +1,140 @@
+"""Generation measurements: engine tokens/s and time-to-first-token vs HF ``generate``.
+
+Both sides decode greedily for exactly ``max_new_tokens`` tokens per prompt (EOS ignored), with
+left padding and the same batch chunks, so tokens/s compare like for like. Reported figures are
+medians over ``runs`` timed runs after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trtpipe.devices import Device
+from trtpipe.generation.prompts import chunks, left_pad, tokenize
+from trtpipe.generation.sampling import SamplingParams
+
+
+def benchmark_generation(
+    engine_dir: str | Path,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    devices: Sequence[Device] | None = None,
+    runs: int = 3,
+    warmup: int = 1,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Engine tokens/s (median of runs) and TTFT percentiles over every batch of every run."""
+    from trtpipe.generation.generator import Generator
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, ignore_eos=True)
+    targets = list(devices or [Device("cpu", 0)])
+    with Generator(engine_dir, targets, threads) as generator:
+        for _ in range(warmup):
+            generator.run(prompts, params, batch_size)
+        rates, walls, ttfts = [], [], []
+        tokens = 0
+        for _ in range(runs):
+            run = generator.run(prompts, params, batch_size)
+            rates.append(run.tokens_per_s)
+            walls.append(run.wall_s)
+            ttfts.extend(run.ttft_s)
+            tokens = run.generated_tokens
+    return {
+        "backend": "engine",
+        "engine": str(engine_dir),
+        "devices": [str(d) for d in targets],
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "generated_tokens": tokens,
+        "runs": runs,
+        "tokens_per_s": statistics.median(rates),
+        "wall_s": statistics.median(walls),
+        "ttft_ms_p50": 1000 * statistics.median(ttfts),
+        "ttft_ms_p90": 1000 * percentile(ttfts, 90),
+    }
+
+
+def hf_generate_baseline(
+    model_dir: str | Path,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    runs: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """PyTorch eager ``model.generate`` (greedy, left padding): the baseline users start from.
+
+    TTFT is the time of a ``max_new_tokens=1`` generate on the same batch (prefill + 1 token).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    model = model.to(device).eval()
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    batches: list[tuple[Any, Any]] = []
+    for part in chunks(tokenize(tokenizer, prompts), batch_size):
+        padded_ids, padded_mask = left_pad(part, pad)
+        batches.append(
+            (torch.from_numpy(padded_ids).to(device), torch.from_numpy(padded_mask).to(device))
+        )
+
+    def generate(ids: Any, mask: Any, new_tokens: int) -> int:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad,
+        )
+        return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for ids, mask in batches:
+                generate(ids, mask, max_new_tokens)
+        rates, walls, ttfts = [], [], []
+        tokens = 0
+        for _ in range(runs):
+            start = time.perf_counter()
+            tokens = sum(generate(ids, mask, max_new_tokens) for ids, mask in batches)
+            wall = time.perf_counter() - start
+            rates.append(tokens / wall)
+            walls.append(wall)
+            for ids, mask in batches:
+                first = time.perf_counter()
+                generate(ids, mask, 1)
+                ttfts.append(time.perf_counter() - first)
+    return {
+        "backend": "hf-generate",
+        "model": str(model_dir),
+        "devices": [device],
+        "prompts": len(prompts),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "generated_tokens": tokens,
+        "runs": runs,
+        "tokens_per_s": statistics.median(rates),
+        "wall_s": statistics.median(walls),
+        "ttft_ms_p50": 1000 * statistics.median(ttfts),
+        "ttft_ms_p90": 1000 * percentile(ttfts, 90),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
