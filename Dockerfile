@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # GPU image: trtpipe on real TensorRT + CUDA; by default it runs the GPU test suite.
 #
 #   docker build -t trtpipe-gpu .

@@ -39,6 +39,7 @@ class TensorRTRunner(ManifestRunner):
         self.engine_dir = engine
         self._lock = threading.Lock()
         self._trt: Any = None
+        self._logger: Any = None
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
@@ -84,7 +85,8 @@ class TensorRTRunner(ManifestRunner):
         from trtpipe.build.tensorrt import capturing_logger
 
         self._trt = trt
-        logger = capturing_logger(trt)
+        # TensorRT keeps a pointer to the logger: it must live as long as the runtime.
+        self._logger = logger = capturing_logger(trt)
         self._runtime = trt.Runtime(logger)
         self._engine = self._runtime.deserialize_cuda_engine(
             self.engine_dir.engine_path.read_bytes()
@@ -211,5 +213,6 @@ class TensorRTRunner(ManifestRunner):
             self._context = None
             self._engine = None
             self._runtime = None
+            self._logger = None
             self._input_names, self._output_names = [], []
         super().close()
