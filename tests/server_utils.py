@@ -59,11 +59,13 @@ def text_feeds(engine: Path, text: str) -> dict[str, np.ndarray]:
     tokenizer = load_tokenizer(str(engine))
     encoded = tokenizer([text], truncation=True, max_length=64)
     ids = np.asarray(encoded["input_ids"], dtype=np.int64)
-    return {
+    feeds = {
         "input_ids": ids,
         "attention_mask": np.ones_like(ids),
         "token_type_ids": np.zeros_like(ids),
     }
+    names = {spec.name for spec in EngineDir(engine).manifest.inputs}
+    return {name: array for name, array in feeds.items() if name in names}
 
 
 def random_feeds(rng: np.random.Generator, batch: int, length: int) -> dict[str, np.ndarray]:
