@@ -189,6 +189,9 @@ class IExecutionContext:
                             f"{tensor['name']}: {value.shape} != {shape}",
                         )
                     alloc.data[offset : offset + need] = value.reshape(-1).view(np.uint8)
+                    # Data a launch wrote on the device is valid input for the next launch
+                    # (a KV cache kept on the GPU), as if it had been copied there.
+                    alloc.fresh = max(alloc.fresh, offset + need)
 
         code = state.enqueue(int(stream_handle), launch)
         if code != cudaError_t.cudaSuccess:

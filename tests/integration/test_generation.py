@@ -25,11 +25,12 @@ MAX_PROMPT, MAX_PAST = 32, 64
 SAVERS = {"llama": save_tiny_llama, "gpt2": save_tiny_gpt2}
 
 
-def build(onnx_path: Path, out: Path, precision: str) -> Path:
+def build(onnx_path: Path, out: Path, precision: str, backend: str = "onnxruntime") -> Path:
     import onnx
 
     from trtpipe.build import BuildConfig, build_engine
     from trtpipe.build.profile import onnx_io_specs
+    from trtpipe.devices import Device
 
     inputs, _ = onnx_io_specs(onnx.load(str(onnx_path), load_external_data=False))
     past = next(s for s in inputs if s.name == "past_key_values.0.key")
@@ -38,7 +39,8 @@ def build(onnx_path: Path, out: Path, precision: str) -> Path:
             onnx_path=onnx_path,
             output=out,
             precision=precision,
-            backend="onnxruntime",
+            backend=backend,
+            device=Device("cuda", 0) if backend == "tensorrt" else Device("cpu"),
             opt_shapes={"input_ids": [4, 16]},
             max_shapes={
                 "input_ids": [8, MAX_PROMPT],
@@ -258,3 +260,25 @@ def test_fp16_engine_agreement_with_hf(decoder: dict, tmp_path_factory) -> None:
     print(f"\n{decoder['name']} fp16 vs HF fp32 greedy: {equal:.3f} of tokens equal, first {first}")
     assert first == 1.0
     assert equal >= 0.5
+
+
+def test_tensorrt_decoder_under_fakes_matches_onnxruntime(decoder: dict, tmp_path: Path) -> None:
+    """TensorRT stepping (ping-pong KV buffers) driven through the strict TensorRT/CUDA doubles."""
+    from tests.fakes.install import installed_fakes
+    from trtpipe.devices import Device
+    from trtpipe.generation import Generator, SamplingParams
+
+    params = SamplingParams(MAX_NEW, greedy=True)
+    with Generator(decoder["fp32"]) as reference:
+        expected = [r.token_ids for r in reference.generate(PROMPTS, params)]
+    with installed_fakes() as gpu:
+        engine = build(decoder["onnx"], tmp_path / "trt", "fp32", backend="tensorrt")
+        with Generator(engine, [Device("cuda", 0)]) as generator:
+            mallocs = gpu.state.mallocs
+            launches = gpu.trt.STATS["launches"]
+            results = generator.generate(PROMPTS, params)
+            # One launch per token, no allocation while generating.
+            assert gpu.trt.STATS["launches"] - launches == MAX_NEW
+            assert gpu.state.mallocs == mallocs
+        assert gpu.leaks() == {"device": 0, "host": 0, "streams": 0}
+    assert [r.token_ids for r in results] == expected
