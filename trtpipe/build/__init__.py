@@ -141,9 +141,11 @@ def build_engine(config: BuildConfig) -> EngineDir:
     )
     calibration = None
     if config.precision != "fp32" and any(s.name == "input_ids" for s in inputs):
-        from trtpipe.text import sample_texts
+        from trtpipe.precision import default_calibration_texts
 
-        texts = config.calib_texts if config.calib_texts is not None else sample_texts()
+        texts = (
+            config.calib_texts if config.calib_texts is not None else default_calibration_texts()
+        )
         calibration = calibration_feeds(model_dir, texts, inputs, profile)
 
     timings: dict[str, float] = {}
