@@ -11,6 +11,7 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Generator as Stream
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -211,7 +212,7 @@ class Generator:
 
     def stream_tokens(
         self, prompt: str, params: SamplingParams | None = None, index: int = 0
-    ) -> Iterator[tuple[str, SequenceResult]]:
+    ) -> Stream[tuple[str, SequenceResult], None, None]:
         """Like ``stream`` but also yields the running result (ids, finish reason)."""
         params = (params or SamplingParams()).validate()
         rows = tokenize(self.tokenizer, [prompt])

@@ -1,0 +1,166 @@
+"""Generation endpoints on a real loopback server, driven by the ``openai`` client and httpx."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.decoders import save_tiny_llama
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.devices import parse_devices
+    from trtpipe.export import export_model
+    from trtpipe.generation import Generator
+    from trtpipe.server.generate_routes import generate_router
+
+    root = tmp_path_factory.mktemp("gen-http")
+    onnx_path = export_model(
+        str(save_tiny_llama(root / "model")), root / "onnx", task="text-generation-with-past"
+    )
+    engine = root / "engine"
+    build_engine(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
+    generator = Generator(engine, parse_devices("cpu:2"))
+    app = FastAPI()
+    app.include_router(generate_router({MODEL: generator}))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    reference = Generator(engine)
+    yield {"url": f"http://127.0.0.1:{port}", "reference": reference}
+    server.should_exit = True
+    thread.join(10)
+    generator.close()
+    reference.close()
+
+
+def client(served: dict):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_completion_matches_the_generator(served: dict) -> None:
+    from trtpipe.generation import SamplingParams
+
+    reply = client(served).completions.create(
+        model=MODEL, prompt="The King is dead.", max_tokens=12, temperature=0, extra_body={}
+    )
+    expected = served["reference"].generate(["The King is dead."], SamplingParams(12, greedy=True))
+    assert reply.choices[0].text == expected[0].text
+    assert reply.choices[0].finish_reason == expected[0].finish_reason
+    assert reply.usage.completion_tokens == len(expected[0].token_ids)
+    assert reply.usage.prompt_tokens == expected[0].prompt_tokens
+
+
+def test_openai_streaming_concurrent_each_gets_its_own_tokens(served: dict) -> None:
+    """Eight concurrent streams on two workers, each with its own prompt and seed."""
+    from trtpipe.generation import SamplingParams
+
+    prompts = [f"Once upon a time {i}" for i in range(8)]
+
+    def stream(i: int) -> tuple[str, str | None]:
+        pieces, finish = [], None
+        for event in client(served).completions.create(
+            model=MODEL,
+            prompt=prompts[i],
+            max_tokens=10,
+            temperature=0.8,
+            top_p=0.9,
+            seed=100 + i,
+            stream=True,
+        ):
+            pieces.append(event.choices[0].text)
+            finish = event.choices[0].finish_reason or finish
+        return "".join(pieces), finish
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(stream, range(8)))
+    for i, (text, finish) in enumerate(got):
+        params = SamplingParams(10, temperature=0.8, top_p=0.9, seed=100 + i)
+        expected = served["reference"].generate([prompts[i]], params)[0]
+        assert text == expected.text, i
+        assert finish == expected.finish_reason
+    assert len({text for text, _ in got}) > 1
+
+
+def test_triton_generate_and_stream(served: dict) -> None:
+    import httpx
+
+    from trtpipe.generation import SamplingParams
+
+    body = {"text_input": "A quick brown fox", "parameters": {"max_tokens": 8, "greedy": True}}
+    expected = served["reference"].generate([body["text_input"]], SamplingParams(8, greedy=True))
+    reply = httpx.post(f"{served['url']}/v2/models/{MODEL}/generate", json=body, timeout=30)
+    assert reply.status_code == 200
+    assert reply.json()["text_output"] == expected[0].text
+    assert reply.json()["token_ids"] == expected[0].token_ids
+    with httpx.stream(
+        "POST", f"{served['url']}/v2/models/{MODEL}/generate_stream", json=body, timeout=30
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [
+            json.loads(line[len("data: ") :])
+            for line in response.iter_lines()
+            if line.startswith("data: ")
+        ]
+    assert [e["token_id"] for e in events] == expected[0].token_ids
+    assert "".join(e["text_output"] for e in events) == expected[0].text
+    assert events[-1]["finish_reason"] == expected[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, "top-p"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"model": "nope", "prompt": "x"}, "unknown generation model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, "total length"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "max_tokens": 5000, "stream": True},
+            "total length",
+        ),
+        (f"/v2/models/{MODEL}/generate", {"parameters": {}}, "text_input"),
+        (
+            f"/v2/models/{MODEL}/generate_stream",
+            {"text_input": "x", "parameters": {"top_k": -2}},
+            "top-k",
+        ),
+    ],
+)
+def test_bad_requests_get_400_with_the_reason(
+    served: dict, path: str, body: dict, message: str
+) -> None:
+    import httpx
+
+    reply = httpx.post(served["url"] + path, json=body, timeout=30)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+def test_openai_client_raises_on_bad_parameters(served: dict) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="top-p must be in"):
+        client(served).completions.create(model=MODEL, prompt="x", top_p=2.0)
