@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,7 +269,10 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_requests_get_400_and_the_server_keeps_serving(server: ServerThread, case: str) -> None:
+def test_bad_requests_get_400_and_the_server_keeps_serving(
+    server: ServerThread, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
     body, headers, message = BAD_REQUESTS[case]
     status, raw = fetch(server, f"/v2/models/{MODEL}/infer", body, headers)
     assert status == 400, raw
@@ -277,6 +281,7 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server: ServerThread,
     assert "Traceback" not in error
     status, raw = fetch(server, f"/v2/models/{MODEL}/infer", infer_body(good_tensors()))
     assert status == 200 and json.loads(raw)["outputs"][0]["shape"] == [1, 4, 32]
+    assert not [r for r in caplog.records if r.exc_info], "a user mistake logged a traceback"
 
 
 def test_unknown_model_and_version_are_404(

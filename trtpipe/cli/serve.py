@@ -73,6 +73,12 @@ import click
     show_default=True,
     help="On SIGTERM, how long accepted requests may take to finish.",
 )
+@click.option(
+    "--retry/--no-retry",
+    default=True,
+    show_default=True,
+    help="Retry a batch once on another device when its device fails.",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 def command(
     engine_dirs: tuple[str, ...],
@@ -89,6 +95,7 @@ def command(
     policy: str,
     max_body_mb: float,
     drain_timeout: float,
+    retry: bool,
     access_log: bool,
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
@@ -114,6 +121,7 @@ def command(
     config = ServeConfig(
         devices=chosen,
         policy=policy,
+        retry_on_failure=retry,
         max_batch_size=max_batch_size,
         max_queue_delay_ms=max_queue_delay_ms,
         max_queue_size=max_queue_size,

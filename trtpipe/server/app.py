@@ -83,7 +83,7 @@ class InferenceServer:
         except BaseException:
             await self.stop()
             raise
-        log.info(
+        log.debug(
             "serving %s (http %s, grpc %s)",
             sorted(m.name for m in self.repository),
             self.http_port,

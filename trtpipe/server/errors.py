@@ -29,7 +29,7 @@ def _runtime_errors() -> tuple[type[BaseException], type[BaseException]]:
     return QueueFullError, RequestTimeoutError
 
 
-def classify(exc: BaseException) -> WireError:
+def classify(exc: BaseException, log_unexpected: bool = True) -> WireError:
     queue_full, timed_out = _runtime_errors()
     message = str(exc) or type(exc).__name__
     if isinstance(exc, ModelNotFoundError):
@@ -44,5 +44,6 @@ def classify(exc: BaseException) -> WireError:
         return WireError(400, "INVALID_ARGUMENT", message)
     if isinstance(exc, TrtpipeError):
         return WireError(500, "INTERNAL", message)
-    log.error("unexpected error while serving a request", exc_info=exc)
+    if log_unexpected:
+        log.error("unexpected error while serving a request", exc_info=exc)
     return WireError(500, "INTERNAL", f"internal server error ({type(exc).__name__}: {exc})")

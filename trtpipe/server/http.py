@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtpipe import __version__
+from trtpipe.errors import TrtpipeError
 from trtpipe.server.errors import classify
 from trtpipe.server.metrics import CONTENT_TYPE, ServerMetrics
 from trtpipe.server.models import ModelNotFoundError, ModelRepository, ServedModel
@@ -125,9 +126,15 @@ def create_http_app(
         message = f"{exc.detail}: {request.method} {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+    @app.exception_handler(TrtpipeError)
+    async def trtpipe_error(request: Request, exc: TrtpipeError) -> JSONResponse:
         wire = classify(exc)
+        return JSONResponse({"error": wire.message}, status_code=wire.http_status)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises these after answering, so uvicorn logs the traceback once.
+        wire = classify(exc, log_unexpected=False)
         return JSONResponse({"error": wire.message}, status_code=wire.http_status)
 
     # -- health and metadata ---------------------------------------------------------------------
