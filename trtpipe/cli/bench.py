@@ -1,0 +1,186 @@
+"""``trtpipe bench``: throughput and latency against PyTorch; scaling; online load; generation.
+
+trtpipe bench ENGINE_DIR --baseline torch --batch-sizes 1,8,32 --seq-lens 32,128
+trtpipe bench ENGINE_DIR --texts corpus.txt            # real text, end to end
+trtpipe bench ENGINE_DIR --devices cpu:2               # or --gpus 0,1: scaling
+trtpipe bench --url 127.0.0.1:8000 --model NAME --concurrency 1,4,16,64
+trtpipe bench ENGINE_DIR --generate --prompts-file F --max-new-tokens 64
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+PATH = click.Path(path_type=Path)
+
+
+@click.command("bench")
+@click.argument("engine_dir", required=False, type=PATH)
+@click.option(
+    "--baseline",
+    type=click.Choice(["torch", "none"]),
+    default="torch",
+    show_default=True,
+    help="PyTorch eager (fp32 on CPU, fp16 on GPU) in the same run.",
+)
+@click.option("--batch-sizes", help="Fixed-shape batch sizes, e.g. 1,8,32.")
+@click.option("--seq-lens", help="Fixed-shape sequence lengths, e.g. 32,128.")
+@click.option("--runs", type=int, default=10, show_default=True, help="Timed calls per side.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls first.")
+@click.option("--threads", type=int, help="CPU threads for each side (default: all cores).")
+@click.option("--device", help="cpu or cuda:I (default: by the engine's backend).")
+@click.option("--reference", help="Baseline model (default: the manifest's source model).")
+@click.option("--texts", type=PATH, help="Real text, one per line: end-to-end sentences/s.")
+@click.option(
+    "--text-runs",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Whole passes over --texts per side.",
+)
+@click.option("--text-limit", type=int, help="Use only the first N texts.")
+@click.option(
+    "--sorted-baseline",
+    is_flag=True,
+    help="Also time PyTorch with trtpipe's batching (how much is batching alone).",
+)
+@click.option("--devices", help="Scaling over CPU workers / devices: cpu:2, cpu:1,cpu:2.")
+@click.option("--gpus", help="Scaling over GPUs: 0 / 0,1 / 0,1,2,3.")
+@click.option(
+    "--scaling-batches", type=int, default=8, show_default=True, help="Batches per scaling run."
+)
+@click.option("--gate", is_flag=True, help="Run the accuracy gate first and report it.")
+@click.option("--gate-report", type=PATH, help="A compare --json report for this engine.")
+@click.option("--url", help="Online mode: a running server, e.g. 127.0.0.1:8000.")
+@click.option("--model", help="Online mode: the model name on the server.")
+@click.option(
+    "--concurrency",
+    default="1,4,16,64",
+    show_default=True,
+    help="Online mode: concurrent clients per level.",
+)
+@click.option(
+    "--requests",
+    "max_requests",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Online mode: at most this many requests per level.",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Online mode: at most this many seconds per level.",
+)
+@click.option(
+    "--seq-len", type=int, default=128, show_default=True, help="Online mode: tokens per request."
+)
+@click.option("--outputs", help="Online mode: outputs to request (default: all).")
+@click.option(
+    "--engine-dir",
+    "served_engine",
+    type=PATH,
+    help="Online mode: the served engine, for the offline and direct-call comparison.",
+)
+@click.option("--generate", is_flag=True, help="Generation mode: tokens/s and TTFT vs HF.")
+@click.option("--prompts-file", type=PATH, help="Generation mode: prompts, one per line.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--json", "json_path", type=PATH, help="Write every figure and the machine.")
+@click.option("--plot", "plot_path", type=PATH, help="Write a PNG plot.")
+def command(engine_dir: Path | None, **options: Any) -> None:
+    """Benchmark ENGINE_DIR against PyTorch, or a running server with --url."""
+    from trtpipe.bench.report import write_json, write_plot
+    from trtpipe.errors import InputError
+
+    json_path, plot_path = options.pop("json_path"), options.pop("plot_path")
+    if options["url"]:
+        report = _online(options)
+    elif engine_dir is None:
+        raise InputError("give an ENGINE_DIR to benchmark, or --url and --model for a server")
+    elif options["generate"]:
+        report = _generation(engine_dir, options)
+    else:
+        from trtpipe.bench.suite import BenchConfig, run_bench
+
+        scaling = bool(options["devices"] or options["gpus"])
+        asked_fixed = bool(options["batch_sizes"] or options["seq_lens"])
+        config = BenchConfig(
+            engine_dir=engine_dir,
+            baseline=options["baseline"],
+            batch_sizes=_ints(options["batch_sizes"], "--batch-sizes"),
+            seq_lens=_ints(options["seq_lens"], "--seq-lens"),
+            fixed=asked_fixed or not (options["texts"] or scaling),
+            runs=options["runs"],
+            warmup=options["warmup"],
+            threads=options["threads"],
+            device=options["device"],
+            reference=options["reference"],
+            texts=options["texts"],
+            text_runs=options["text_runs"],
+            text_limit=options["text_limit"],
+            sorted_baseline=options["sorted_baseline"],
+            devices=options["devices"],
+            gpus=options["gpus"],
+            scaling_batches=options["scaling_batches"],
+            gate=options["gate"],
+            gate_report=options["gate_report"],
+        )
+        report = run_bench(config)
+    from trtpipe.bench.suite import render
+
+    click.echo(render(report))
+    if json_path:
+        write_json(json_path, report)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        write_plot(plot_path, report)
+        click.echo(f"wrote {plot_path}")
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    from trtpipe.bench.common import parse_int_list
+
+    return parse_int_list(text, option) if text else None
+
+
+def _online(options: dict[str, Any]) -> dict[str, Any]:
+    from trtpipe.bench.online import OnlineConfig, run_online
+    from trtpipe.errors import InputError
+
+    if not options["model"]:
+        raise InputError("--url needs --model NAME (the model's name on the server)")
+    concurrency = _ints(options["concurrency"], "--concurrency")
+    assert concurrency is not None
+    config = OnlineConfig(
+        url=options["url"],
+        model=options["model"],
+        concurrency=concurrency,
+        max_requests=options["max_requests"],
+        duration_s=options["duration"],
+        seq_len=options["seq_len"],
+        outputs=[o.strip() for o in options["outputs"].split(",")] if options["outputs"] else None,
+        engine_dir=options["served_engine"],
+        threads=options["threads"],
+        runs=options["runs"],
+    )
+    return run_online(config)
+
+
+def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    from trtpipe.bench.generation import run_generation
+
+    return run_generation(
+        engine_dir,
+        prompts_file=options["prompts_file"],
+        max_new_tokens=options["max_new_tokens"],
+        batch_sizes=_ints(options["batch_sizes"], "--batch-sizes") or [1],
+        runs=options["runs"],
+        warmup=options["warmup"],
+        device=options["device"],
+        reference=options["reference"],
+    )
