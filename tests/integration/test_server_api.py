@@ -390,3 +390,28 @@ def test_statistics_and_metrics_agree(
     assert counts["cpu:0"] > 0 and counts["cpu:1"] > 0  # batches dealt across both workers
     assert "# TYPE nv_inference_exec_count counter" in text
     assert f'nv_device_healthy{{device="cpu:1",model="{MODEL}",version="1"}} 1.0' in text
+
+
+def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> None:
+    """Responses go out at once on a reused connection (TCP_NODELAY on accepted sockets)."""
+    import http.client
+    import socket
+
+    from trtpipe.server.app import listen
+
+    with listen("127.0.0.1", 0, "HTTP") as sock:
+        assert sock.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY only then
+    connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port)
+    connection.connect()
+    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = infer_body(good_tensors())
+    times = []
+    for _ in range(12):
+        started = time.perf_counter()
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=body)
+        response = connection.getresponse()
+        assert response.status == 200 and response.read()
+        times.append(time.perf_counter() - started)
+    connection.close()
+    # a delayed-ACK stall costs 40 ms per response; the tiny model needs ~1 ms
+    assert float(np.median(times[2:])) < 0.035, times

@@ -49,14 +49,23 @@ class _Uvicorn(uvicorn.Server):
 
 
 def listen(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket. ``proto`` is IPPROTO_TCP on purpose: asyncio sets TCP_NODELAY on
+    accepted connections only then, and without it keep-alive clients wait ~40 ms per response
+    (Nagle against delayed ACKs)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
     except OSError as exc:
+        sock.close()
         raise InputError(
             f"cannot listen for {what} on {host}:{port} ({exc.strerror}); "
             f"choose another --{what.lower()}-port"
         ) from None
+    sock.setblocking(False)
+    return sock
 
 
 class InferenceServer:
@@ -75,7 +84,8 @@ class InferenceServer:
         self._stop_requested: asyncio.Event | None = None
 
     async def start(self) -> None:
-        self._stop_requested = asyncio.Event()
+        if self._stop_requested is None:
+            self._stop_requested = asyncio.Event()
         try:
             await self.repository.start()
             await self._start_http()
@@ -83,6 +93,7 @@ class InferenceServer:
         except BaseException:
             await self.stop()
             raise
+        self.state.started = True
         log.debug(
             "serving %s (http %s, grpc %s)",
             sorted(m.name for m in self.repository),
@@ -162,10 +173,12 @@ class InferenceServer:
         handle_signals: bool = True,
         on_started: Callable[[InferenceServer], None] | None = None,
     ) -> None:
-        """Start, serve until SIGTERM/SIGINT (or request_stop), then stop gracefully."""
-        await self.start()
-        if on_started is not None:
-            on_started(self)
+        """Start, serve until SIGTERM/SIGINT (or request_stop), then stop gracefully.
+
+        The handlers are installed before the models load, so a SIGTERM during a long start
+        still ends in a clean stop and exit status 0.
+        """
+        self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if handle_signals and threading.current_thread() is threading.main_thread():
@@ -173,6 +186,9 @@ class InferenceServer:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
         try:
+            await self.start()
+            if on_started is not None and not self.state.draining:
+                on_started(self)
             await self.wait_stop_requested()
         finally:
             for sig in installed:

@@ -146,7 +146,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
             model = self.repository.get(request.name, request.version)
-            return service_pb2.ModelReadyResponse(ready=model.ready and not self.state.draining)
+            ready = model.ready and self.state.started and not self.state.draining
+            return service_pb2.ModelReadyResponse(ready=ready)
 
         return await self._guard(context, work)
 

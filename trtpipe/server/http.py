@@ -43,12 +43,13 @@ MAX_EMBEDDING_INPUTS = 2048
 
 @dataclass
 class ServerState:
-    """Shared by the front ends: a draining server reports not-ready and refuses new work."""
+    """Shared by the front ends: ready only once every front end listens, and not while draining."""
 
+    started: bool = False
     draining: bool = False
 
     def ready(self, repository: ModelRepository) -> bool:
-        return not self.draining and repository.ready
+        return self.started and not self.draining and repository.ready
 
 
 def server_metadata() -> dict[str, Any]:
@@ -147,6 +148,7 @@ def create_http_app(
         ok = state.ready(repository)
         body = {
             "ready": ok,
+            "started": state.started,
             "draining": state.draining,
             "models": {
                 m.name: {"ready": m.ready, "devices": m.devices_status()} for m in repository
@@ -176,7 +178,7 @@ def create_http_app(
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str = "") -> JSONResponse:
         model = repository.get(name, version)
-        ok = model.ready and not state.draining
+        ok = model.ready and state.started and not state.draining
         body = {"name": model.name, "ready": ok, "devices": model.devices_status()}
         return JSONResponse(body, status_code=200 if ok else 503)
 
