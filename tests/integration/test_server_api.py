@@ -415,3 +415,13 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> N
     connection.close()
     # a delayed-ACK stall costs 40 ms per response; the tiny model needs ~1 ms
     assert float(np.median(times[2:])) < 0.035, times
+
+
+def test_compressed_request_bodies(http: httpclient.InferenceServerClient, runner: Any) -> None:
+    feeds = random_feeds(np.random.default_rng(11), batch=2, length=7)
+    want = runner.infer(feeds)["last_hidden_state"]
+    for algorithm in ("gzip", "deflate"):
+        result = http.infer(
+            MODEL, http_inputs(feeds, True), request_compression_algorithm=algorithm
+        )
+        assert np.array_equal(result.as_numpy("last_hidden_state"), want)
