@@ -263,9 +263,11 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     engine_label = _engine_label(report)
     for ax, key in zip(axes[0], panels, strict=True):
         globals()[f"_plot_{key}"](ax, report[key], engine_label)
+        ax.set_ylim(bottom=0)
     machine = report.get("machine", {})
+    name = report.get("engine", {}).get("name") or report.get("online", {}).get("model", "")
     fig.suptitle(
-        f"{report.get('engine', {}).get('name', '')}  |  {machine.get('cpu', '')}, "
+        f"{name}  |  {machine.get('cpu', '')}, "
         f"{machine.get('cores', '?')} cores  |  {machine.get('date', '')[:10]}",
         fontsize=9,
     )
