@@ -82,6 +82,7 @@ class InferenceServer:
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: Any = None
         self._stop_requested: asyncio.Event | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         if self._stop_requested is None:
@@ -153,6 +154,9 @@ class InferenceServer:
 
     async def stop(self) -> None:
         """Stop accepting, let accepted requests finish, drain the batchers, close the runners."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.state.draining = True
         waits = []
         if self._uvicorn is not None and self._http_task is not None:
