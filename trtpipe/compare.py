@@ -139,31 +139,52 @@ def compare_outputs(
     """Metrics per output over all batches, with gate failures spelled out."""
     reports: dict[str, OutputReport] = {}
     for name in reference_out[0]:
-        engine_rows, ref_rows, agree = [], [], []
+        diffs, rels, cosines, agree = [], [], [], []
         for eng, ref, mask in zip(engine_out, reference_out, masks, strict=True):
             if eng[name].shape != ref[name].shape:
                 raise InputError(
                     f"output {name!r}: engine shape {eng[name].shape} "
                     f"!= reference {ref[name].shape}"
                 )
-            engine_rows.append(row_view(eng[name], mask))
-            ref_rows.append(row_view(ref[name], mask))
+            for a, b in row_pairs(eng[name], ref[name], mask):
+                diff = np.abs(a - b)
+                diffs.append(diff.ravel())
+                rels.append((diff / np.maximum(np.abs(b), 1e-6)).ravel())
+                cosines.append(cosine_rows(a, b))
             if task in CLASSIFICATION_TASKS:
                 agree.append(top1_rows(eng[name], mask, task) == top1_rows(ref[name], mask, task))
-        a, b = np.concatenate(engine_rows), np.concatenate(ref_rows)
-        diff = np.abs(a - b)
-        cos = cosine_rows(a, b)
+        diff_all, cos = np.concatenate(diffs), np.concatenate(cosines)
         report = OutputReport(
-            max_abs=float(diff.max()),
-            max_rel=float((diff / np.maximum(np.abs(b), 1e-6)).max()),
+            max_abs=float(diff_all.max()),
+            max_rel=float(np.concatenate(rels).max()),
             cosine_min=float(cos.min()),
             cosine_mean=float(cos.mean()),
-            rows=int(a.shape[0]),
+            rows=int(cos.shape[0]),
             top1_agreement=float(np.concatenate(agree).mean()) if agree else None,
         )
         report.failures = gate_failures(report, tolerances)
         reports[name] = report
     return reports
+
+
+def row_pairs(
+    engine: np.ndarray, reference: np.ndarray, mask: np.ndarray | None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(engine rows, reference rows) blocks to compare.
+
+    Per-token scalars ([B, S] like QA start/end logits) give one row per sequence holding only
+    its real tokens, so sequences of different padded lengths compare correctly.
+    """
+    if mask is not None and engine.ndim == 2 and engine.shape == mask.shape:
+        keep = mask.astype(bool)
+        return [
+            (
+                engine[i][keep[i]].astype(np.float64)[None],
+                reference[i][keep[i]].astype(np.float64)[None],
+            )
+            for i in range(engine.shape[0])
+        ]
+    return [(row_view(engine, mask), row_view(reference, mask))]
 
 
 def gate_failures(report: OutputReport, tol: Tolerances) -> list[str]:

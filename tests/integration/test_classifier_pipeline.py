@@ -47,7 +47,7 @@ def test_text_classification(
         assert engine.manifest.build_options["precision"]["method"].endswith("quantize_dynamic")
 
 
-@pytest.mark.parametrize("head", ["token"])
+@pytest.mark.parametrize("head", ["token", "qa"])
 def test_token_head_fp32(tmp_path: Path, head: str) -> None:
     # A QA head has exactly two outputs (span start and end logits).
     model_dir = save_tiny_bert(tmp_path / "model", head=head, num_labels=2 if head == "qa" else 5)

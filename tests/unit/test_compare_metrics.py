@@ -52,3 +52,24 @@ def test_default_tolerances_by_precision():
     assert Tolerances.for_precision("fp16").cosine_min == 0.999
     int8 = Tolerances.for_precision("int8")
     assert (int8.cosine_mean, int8.cosine_min) == (0.99, 0.97)
+
+
+def test_per_token_scalars_across_batches_of_different_lengths():
+    """QA start/end logits: [B, S] rows, S differs between batches, padding ignored."""
+    ref_a = np.array([[1.0, 2.0, 3.0], [1.0, -1.0, 0.0]])
+    ref_b = np.array([[0.5, 0.1, 0.2, 0.9, 7.0]])
+    eng_a, eng_b = ref_a.copy(), ref_b.copy()
+    eng_a[1, 2] = 50.0  # padding
+    eng_b[0, 3] = 1.9  # a real token changes, the argmax stays at position 3
+    masks = [np.array([[1, 1, 1], [1, 1, 0]]), np.array([[1, 1, 1, 1, 0]])]
+    report = compare_outputs(
+        [{"start_logits": eng_a}, {"start_logits": eng_b}],
+        [{"start_logits": ref_a}, {"start_logits": ref_b}],
+        masks,
+        "question-answering",
+        Tolerances(),
+    )["start_logits"]
+    assert report.rows == 3
+    assert report.max_abs == pytest.approx(1.0)
+    assert report.top1_agreement == pytest.approx(1.0)
+    assert report.cosine_min < 1.0
