@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.decoders import save_tiny_llama
@@ -17,15 +15,12 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    import uvicorn
-    from fastapi import FastAPI
-
+def served(tiny_bert_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The real ``trtpipe serve`` stack serving a decoder beside an encoder engine."""
+    from tests.server_utils import start_server
     from trtpipe.build import BuildConfig, build_engine
-    from trtpipe.devices import parse_devices
     from trtpipe.export import export_model
     from trtpipe.generation import Generator
-    from trtpipe.server.generate_routes import generate_router
 
     root = tmp_path_factory.mktemp("gen-http")
     onnx_path = export_model(
@@ -33,23 +28,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     )
     engine = root / "engine"
     build_engine(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
-    generator = Generator(engine, parse_devices("cpu:2"))
-    app = FastAPI()
-    app.include_router(generate_router({MODEL: generator}))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
+    thread = start_server([f"{MODEL}={engine}", f"encoder={tiny_bert_engine}"], devices=2)
+    port = thread.server.http_port
     reference = Generator(engine)
     yield {"url": f"http://127.0.0.1:{port}", "reference": reference}
-    server.should_exit = True
-    thread.join(10)
-    generator.close()
+    thread.stop()
     reference.close()
 
 
@@ -164,3 +147,9 @@ def test_openai_client_raises_on_bad_parameters(served: dict) -> None:
 
     with pytest.raises(openai.BadRequestError, match="top-p must be in"):
         client(served).completions.create(model=MODEL, prompt="x", top_p=2.0)
+
+
+def test_serve_lists_generation_and_encoder_models_and_is_ready(served: dict) -> None:
+    models = httpx.get(served["url"] + "/v1/models", timeout=10).json()
+    assert sorted(m["id"] for m in models["data"]) == ["encoder", MODEL]
+    assert httpx.get(served["url"] + "/v2/health/ready", timeout=10).status_code == 200

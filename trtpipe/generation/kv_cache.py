@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
+def is_decoder(manifest: Any) -> bool:
+    """A KV-cache decoder engine (served by generation endpoints, not plain v2 infer)."""
+    return any(PAST_RE.match(spec.name) for spec in manifest.inputs)
+
+
 @dataclass(frozen=True)
 class CacheTensor:
     """One past input and the present output that feeds it on the next step."""

@@ -228,12 +228,18 @@ def create_http_app(
         )
 
     # -- OpenAI-compatible -----------------------------------------------------------------------
+    if repository.generators:
+        from trtpipe.server.generate_routes import generate_router
+
+        app.include_router(generate_router(repository.generators))
+
     @app.get("/v1/models")
     async def openai_models() -> JSONResponse:
         created = int(time.time())
+        names = [m.name for m in repository] + sorted(repository.generators)
         data = [
-            {"id": m.name, "object": "model", "created": created, "owned_by": SERVER_NAME}
-            for m in repository
+            {"id": name, "object": "model", "created": created, "owned_by": SERVER_NAME}
+            for name in names
         ]
         return JSONResponse({"object": "list", "data": data})
 

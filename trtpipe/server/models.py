@@ -527,8 +527,10 @@ def triton_type(dtype: str) -> str:
 class ModelRepository:
     """Name -> served model; starts and stops them together."""
 
-    def __init__(self, models: list[ServedModel]):
+    def __init__(self, models: list[ServedModel], generators: dict[str, Any] | None = None):
         self.models = {m.name: m for m in models}
+        # Decoder engines (KV cache) answer the generate / completions endpoints instead.
+        self.generators: dict[str, Any] = dict(generators or {})
 
     @classmethod
     def from_specs(
@@ -537,13 +539,20 @@ class ModelRepository:
         config: ServeConfig,
         pool_factory: PoolFactory = default_pool_factory,
     ) -> ModelRepository:
+        from trtpipe.generation.kv_cache import is_decoder
+
         if not specs:
             raise InputError("give at least one ENGINE_DIR to serve")
-        models = [
-            ServedModel(name, EngineDir(path), config, pool_factory)
-            for name, path in parse_model_specs(specs)
-        ]
-        return cls(models)
+        models, generators = [], {}
+        for name, path in parse_model_specs(specs):
+            engine = EngineDir(path)
+            if is_decoder(engine.manifest):
+                from trtpipe.generation.generator import Generator
+
+                generators[name] = Generator(engine, config.devices)
+            else:
+                models.append(ServedModel(name, engine, config, pool_factory))
+        return cls(models, generators)
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         model = self.models.get(name)
@@ -562,7 +571,8 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        return bool(self.models) and all(m.ready for m in self.models.values())
+        served = bool(self.models) or bool(self.generators)
+        return served and all(m.ready for m in self.models.values())
 
     async def start(self) -> None:
         for model in self.models.values():
@@ -570,3 +580,5 @@ class ModelRepository:
 
     async def stop(self, drain: bool = True) -> None:
         await asyncio.gather(*(m.stop(drain) for m in self.models.values()), return_exceptions=True)
+        for generator in self.generators.values():
+            generator.close()
