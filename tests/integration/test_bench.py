@@ -221,3 +221,43 @@ def test_online_without_a_server_is_a_clear_error() -> None:
     )
     assert result.exit_code == 2
     assert "cannot reach a server" in result.output
+
+
+def test_generation_mode_against_hf_generate(tmp_path: Path) -> None:
+    from tests.decoders import save_tiny_llama
+    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.export import export_model
+
+    onnx_path = export_model(
+        str(save_tiny_llama(tmp_path / "model")),
+        tmp_path / "onnx",
+        task="text-generation-with-past",
+    )
+    engine = tmp_path / "engine"
+    build_engine(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The King is dead.\nOnce upon a time\nNumbers like 1, 2, 3\n")
+    out, png = tmp_path / "gen.json", tmp_path / "gen.png"
+    result = run_cli(
+        str(engine), "--generate", "--prompts-file", str(prompts), "--max-new-tokens", "4",
+        "--batch-sizes", "1,2", "--runs", "1", "--warmup", "0", "--json", str(out),
+        "--plot", str(png),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["generation"]["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["engine"]["generated_tokens"] == 3 * 4
+        assert row["baseline"]["generated_tokens"] == 3 * 4
+        assert row["engine_tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0
+        assert row["speedup"] == pytest.approx(
+            row["engine_tokens_per_s"] / row["baseline_tokens_per_s"]
+        )
+        assert row["engine"]["ttft_ms_p50"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generation_mode_needs_a_decoder(tiny_bert_engine: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", str(tiny_bert_engine), "--generate"])
+    assert result.exit_code == 2
+    assert "needs a text-generation engine" in result.output

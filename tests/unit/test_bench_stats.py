@@ -161,3 +161,24 @@ def test_shapes_outside_the_profile_are_refused() -> None:
         check_shapes(manifest, [1, 32], [16])
     with pytest.raises(InputError, match=r"profile \(1\.\.64\)"):
         check_shapes(manifest, [1], [128])
+
+
+def test_text_table_flags_a_busy_machine() -> None:
+    from trtpipe.bench.report import text_table
+
+    def side(runs: list[float]) -> dict:
+        return {
+            "sentences_per_s": 100 / sorted(runs)[len(runs) // 2],
+            "seconds_median": sorted(runs)[len(runs) // 2],
+            "seconds_runs": runs,
+            "batches": 7,
+            "padding_ratio": 0.5,
+            "recipe": "r",
+        }
+
+    result = {"texts": 100, "speedup": 2.0, "engine": side([1.0, 1.1, 1.0]),
+              "baseline": side([2.0, 5.0, 2.1])}  # fmt: skip
+    text = text_table(result)
+    assert "speedup 2.00x" in text
+    assert "warning: torch passes took 2.0-5.0 s (2.5x apart)" in text
+    assert "warning: trtpipe" not in text

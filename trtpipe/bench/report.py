@@ -13,6 +13,7 @@ from typing import Any
 from trtpipe.bench.common import cpu_cores
 from trtpipe.inspect import table
 
+NOISY = 1.25  # runs of one side further apart than this are flagged as a busy machine
 LIBRARIES = (
     "trtpipe",
     "numpy",
@@ -139,6 +140,14 @@ def text_table(result: dict[str, Any]) -> str:
         if side
     ]
     lines = [table(body, header), f"{result['texts']} texts; speedup {_x(result['speedup'])}"]
+    for name, side in sides:
+        if side and len(side["seconds_runs"]) > 1:
+            low, high = min(side["seconds_runs"]), max(side["seconds_runs"])
+            if high > NOISY * low:
+                lines.append(
+                    f"warning: {name} passes took {low:.1f}-{high:.1f} s ({high / low:.1f}x "
+                    "apart): the machine was busy; the median is reported, rerun when idle"
+                )
     for name, side in result.get("other_baselines", {}).items():
         lines.append(f"engine vs {name}: {_x(side['engine_speedup'])}")
     return "\n".join(lines)
