@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces docs/performance.md on CPU with the embedded all-MiniLM-L6-v2:
 #   export -> build fp32/fp16/int8 (ONNX Runtime) -> accuracy gate -> fixed shapes (32 x 128)
-#   -> real text end to end -> online (trtpipe serve on loopback + concurrency sweep).
+#   -> real text end to end -> scaling over CPU workers -> online (trtpipe serve on loopback
+#   + concurrency sweep).
 # Writes JSON + PNG into $OUT (default bench_out/) and prints every table and a summary.
 #
 #   bash scripts/bench_cpu.sh                # everything (about 15-25 minutes on 2 cores)
@@ -65,8 +66,15 @@ for p in $TEXT_PRECISIONS; do
     "${THREAD_ARGS[@]}" --json "$OUT/text_$p.json" --plot "$OUT/text_$p.png"
 done
 
-# 5. Online: serve the best gated engine on loopback, sweep concurrency, stop the server.
 BEST=$("$PYTHON" scripts/bench_summary.py "$OUT" --best-engine)
+
+# 5. Scaling over CPU workers through the device pool (N workers share the cores).
+echo; echo "== scaling: $BEST over 1..$(nproc) CPU workers"
+"$TRTPIPE" bench "$OUT/engines/minilm-$BEST" --devices "cpu:$(nproc)" --baseline none \
+  --batch-sizes 32 --seq-lens 128 --scaling-batches 8 --runs 3 \
+  --json "$OUT/scaling.json" --plot "$OUT/scaling.png"
+
+# 6. Online: serve the best gated engine on loopback, sweep concurrency, stop the server.
 echo; echo "== online: serving $BEST on 127.0.0.1:$PORT"
 "$TRTPIPE" serve --name "minilm=$OUT/engines/minilm-$BEST" --http-port "$PORT" --grpc-port 0 \
   --devices cpu:1 > "$OUT/serve.log" 2>&1 &
@@ -86,6 +94,6 @@ done
 kill -TERM $SERVER && wait $SERVER || true
 trap - EXIT
 
-# 6. Summary: the table docs/performance.md quotes.
+# 7. Summary: the table docs/performance.md quotes.
 echo
 "$PYTHON" scripts/bench_summary.py "$OUT"

@@ -102,6 +102,18 @@ def main(out: Path) -> None:
                 f"{o['offline']['direct_p50_ms']:.2f} ms; concurrency-1 p50 overhead "
                 f"{fmt(o['overhead_p50_ms'], 2)} ms"
             )
+    scaling = load(out / "scaling.json")
+    if scaling:
+        s = scaling["scaling"]
+        print(
+            f"\nScaling, {s['batches']} batches of {s['batch_size']} x {s['seq_len']}:\n"
+            "| devices | threads/worker | seq/s | speed-up | efficiency |\n|---|---|---|---|---|"
+        )
+        for row in s["rows"]:
+            print(
+                f"| {row['count']} | {row['threads_per_worker']} | {fmt(row['sequences_per_s'])} "
+                f"| {fmt(row['speedup'], 2, 'x')} | {fmt(100 * row['efficiency'], 0, '%')} |"
+            )
     print("\nTargets:")
     for line in targets(out, online):
         print(f"- {line}")
