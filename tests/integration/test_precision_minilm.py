@@ -25,7 +25,8 @@ def engines(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
                 output=root / p,
                 precision=p,
                 backend="onnxruntime",
-                max_shapes={"input_ids": [16, 256]},
+                # Batch 32: the int8 build calibrates on 32 sentences, as by default.
+                max_shapes={"input_ids": [32, 256]},
             )
         )
         for p in ("fp32", "fp16", "int8")
@@ -65,21 +66,42 @@ def test_fp16_autocast(engines: dict[str, EngineDir]) -> None:
     assert engine.manifest.outputs[0].dtype == "float32"
 
 
-@pytest.mark.parametrize("texts", [None, HELDOUT], ids=["built-in", "held-out"])
-def test_int8_passes_gate(engines: dict[str, EngineDir], texts: Path | None) -> None:
+# Measured: min cosine 0.994 built-in / 0.990 held-out (docs/precision.md); the floors leave
+# room for CPU kernel differences.
+@pytest.mark.parametrize(
+    ("texts", "floor"), [(None, 0.99), (HELDOUT, 0.985)], ids=["built-in", "held-out"]
+)
+def test_int8_passes_gate(engines: dict[str, EngineDir], texts: Path | None, floor: float) -> None:
     report = compare_engine(engines["int8"], Tolerances.for_precision("int8"), texts_file=texts)
     assert report.passed, report.table()
     for out in report.outputs.values():
-        assert out.cosine_min >= 0.97
-        assert out.cosine_mean >= 0.99
+        assert out.cosine_min >= floor
+        assert out.cosine_mean >= 0.995
 
 
 def test_int8_build_record(engines: dict[str, EngineDir]) -> None:
     method, counts = build_record(engines["int8"])
     assert method["method"] == "onnxruntime.quantize_dynamic"
     assert method["per_channel"] is True
-    # 24 weighted nodes (6 fused attentions + 18 MatMuls); a fifth stays in fp32.
-    assert len(method["kept_fp32"]) == 5
-    assert counts["by_op"]["QAttention"] + counts["by_op"]["MatMulInteger"] == 19
-    assert counts["by_op"]["DynamicQuantizeLinear"] >= 19
-    assert counts["integer_ops"] >= 38
+    assert method["selection"] == "greedy"
+    # 24 weighted nodes (6 fused attentions + 18 MatMuls); greedy keeps at most a third in fp32,
+    # stopping early once the calibration text's worst row reaches 0.995.
+    kept = method["kept_fp32"]
+    assert method["budget"] == 8
+    assert 1 <= len(kept) <= 8
+    assert method["calibration_sentences"] == 32
+    assert method["calibration_cosine_min_all_int8"] < 0.99
+    assert method["calibration_cosine_min"] >= 0.995 or len(kept) == 8
+    assert method["calibration_cosine_min"] > method["calibration_cosine_min_all_int8"]
+    steps = [step["keep_fp32"] for step in method["selection_steps"]]
+    assert steps == kept
+    # Layer 0's FFN down-projection costs most end to end (its local error is small).
+    assert kept[0] == "/0/encoder/layer.0/output/dense/MatMul"
+    assert all(n.endswith("dense/MatMul") or n.startswith("Attention") for n in kept), kept
+    assert counts["by_op"]["QAttention"] + counts["by_op"]["MatMulInteger"] == 24 - len(kept)
+    assert counts["by_op"]["DynamicQuantizeLinear"] >= 24 - len(kept)
+    # The build log says which nodes stayed fp32 and what the calibration text reached.
+    log = json.loads((engines["int8"].path / "build_log.json").read_text())
+    assert log["precision"]["kept_fp32"] == kept
+    assert log["precision"]["calibration_cosine_min"] == method["calibration_cosine_min"]
+    assert 0 < log["precision"]["selection_s"] < log["timings"]["precision_s"]

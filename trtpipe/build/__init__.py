@@ -64,6 +64,10 @@ class BuildConfig:
     timing_cache: Path | None = None
     device: Device | None = None
     task: str | None = None
+    # ONNX Runtime INT8: how the nodes kept in fp32 are chosen ("greedy" or "proxy") and the
+    # calibration cosine greedy selection stops at (None: trtpipe.precision's default).
+    int8_selection: str = "greedy"
+    int8_target: float | None = None
 
 
 def tensorrt_available() -> bool:
@@ -155,8 +159,11 @@ def build_engine(config: BuildConfig) -> EngineDir:
                 shutil.copyfile(model_dir / name, tmp / name)
         typed = tmp / f"model.{config.precision}.onnx"
         start = time.perf_counter()
+        int8_options: dict[str, Any] = {"int8_selection": config.int8_selection}
+        if config.int8_target is not None:
+            int8_options["int8_target"] = config.int8_target
         precision_info = apply_precision(
-            config.onnx_path, typed, config.precision, backend, calibration
+            config.onnx_path, typed, config.precision, backend, calibration, **int8_options
         )
         timings["precision_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -194,7 +201,11 @@ def build_engine(config: BuildConfig) -> EngineDir:
         )
         write_manifest(tmp, manifest)
         (tmp / BUILD_LOG).write_text(
-            json.dumps({"timings": timings, "op_counts": op_counts}, indent=2) + "\n"
+            json.dumps(
+                {"timings": timings, "precision": precision_info, "op_counts": op_counts},
+                indent=2,
+            )
+            + "\n"
         )
     log.info("wrote engine dir %s", config.output)
     return EngineDir(config.output)

@@ -15,6 +15,22 @@ import click
 @click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32 (default).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration texts, one a line.")
 @click.option(
+    "--int8-select",
+    "int8_selection",
+    type=click.Choice(["greedy", "proxy"]),
+    default="greedy",
+    show_default=True,
+    help="ONNX Runtime INT8: keep in fp32 the nodes that hurt the outputs most (greedy, "
+    "measured end to end) or those with the largest local INT8 error (proxy, faster build).",
+)
+@click.option(
+    "--int8-target",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="ONNX Runtime INT8, greedy: stop keeping nodes in fp32 once the worst calibration "
+    "row reaches this cosine [default: 0.995].",
+)
+@click.option(
     "--backend",
     type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
     default="auto",
@@ -44,6 +60,8 @@ def command(
     output: Path,
     precision: str,
     calib: Path | None,
+    int8_selection: str,
+    int8_target: float | None,
     backend: str,
     device: str | None,
     min_shapes: str | None,
@@ -78,6 +96,8 @@ def command(
         optimization_level=optimization_level,
         timing_cache=timing_cache,
         device=target,
+        int8_selection=int8_selection,
+        int8_target=int8_target,
     )
     click.echo(f"building {precision} engine for {chosen} ...", err=True)
     engine = build_engine(config)
