@@ -74,7 +74,9 @@ class CompareReport:
         }
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from trtpipe.jsonfile import write_json
+
+        write_json(path, self.to_dict())
 
     def table(self) -> str:
         from trtpipe.inspect import table
@@ -264,15 +266,28 @@ def compare_engine(
     device: Any = None,
 ) -> CompareReport:
     """The whole ``compare`` command: build inputs, load both runners, gate."""
+    from trtpipe.generation.kv_cache import is_decoder
     from trtpipe.runners import runner_for
     from trtpipe.runners.torch import reference_runner
     from trtpipe.text import read_texts, sample_texts
 
     manifest = engine.manifest
-    batch_size = max(1, min(batch_size, manifest.max_batch_size))
+    if is_decoder(manifest):
+        raise InputError(
+            f"{engine.path} is a text-generation (KV-cache) engine; compare gates encoder "
+            "outputs. Check a decoder with trtpipe generate --greedy or trtpipe bench --generate"
+        )
+    if random_samples < 0 or seq_len < 1 or batch_size < 1:
+        raise InputError("--random must be >= 0, --seq-len and --batch-size >= 1")
+    batch_size = min(batch_size, manifest.max_batch_size)
     max_length = min((r.max[1] for r in manifest.profile.values() if len(r.max) > 1), default=512)
+    texts = None
+    if not random_samples:
+        if not engine.has_tokenizer():
+            raise InputError(f"{engine.path} has no tokenizer: use --random N")
+        texts = read_texts(texts_file) if texts_file else sample_texts()
     with runner_for(engine, device) as engine_runner, reference_runner(manifest, reference) as ref:
-        if random_samples:
+        if texts is None:
             vocab = vocab_size(engine.path)
             batches = [
                 random_feeds(engine_runner, min(batch_size, random_samples - i), seq_len, vocab, i)
@@ -280,9 +295,6 @@ def compare_engine(
             ]
             label = f"random inputs, seq {seq_len}"
         else:
-            if not engine.has_tokenizer():
-                raise InputError(f"{engine.path} has no tokenizer: use --random N")
-            texts = read_texts(texts_file) if texts_file else sample_texts()
             label = f"texts from {texts_file}" if texts_file else "built-in sentences"
             batches = batches_from_texts(texts, engine.path, engine_runner, batch_size, max_length)
         return run_compare(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trtpipe.errors import InputError
+from trtpipe.errors import BackendUnavailableError, InputError
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,21 @@ def cuda_device_count() -> int:
     if int(err) != 0:
         return 0
     return int(count)
+
+
+def require_visible(device: Device) -> None:
+    """Refuse a GPU this machine does not have, in one line, before a library tries it (and
+    prints pages of its own errors)."""
+    if not device.is_gpu:
+        return
+    count = cuda_device_count()
+    if count == 0:
+        raise BackendUnavailableError(
+            f"{device} requested but no CUDA GPU is visible on this machine; "
+            "use the CPU (--devices cpu:N, --device cpu)"
+        )
+    if device.index >= count:
+        raise BackendUnavailableError(
+            f"{device} requested but only {count} CUDA GPU(s) are visible "
+            f"(cuda:0..cuda:{count - 1})"
+        )

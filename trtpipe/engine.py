@@ -19,6 +19,9 @@ from typing import Any
 
 from trtpipe.errors import EngineMismatchError, InputError
 
+# Any one of these in a directory means a tokenizer was saved there.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model")
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -135,6 +138,12 @@ class EngineDir:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
+        onnx = self.path if self.path.suffix == ".onnx" else self.path / "model.onnx"
+        if not manifest_path.is_file() and onnx.is_file():
+            raise InputError(
+                f"{self.path} is an exported model, not an engine directory; build one first: "
+                f"trtpipe build {onnx} -o ENGINE_DIR"
+            )
         if not self.path.is_dir():
             raise InputError(
                 f"{self.path} is not an engine directory (build one with trtpipe build)"
@@ -165,9 +174,7 @@ class EngineDir:
         return self.path.name
 
     def has_tokenizer(self) -> bool:
-        return any(
-            (self.path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model")
-        )
+        return any((self.path / f).is_file() for f in TOKENIZER_FILES)
 
     def expect_backend(self, backend: str) -> None:
         if self.manifest.backend != backend:
@@ -189,24 +196,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Temp dirs of atomic_directory blocks still running: what a signal handler must remove.
+_PARTIAL_DIRS: set[Path] = set()
+
+
+def remove_partial_dirs() -> None:
+    """Delete every half-written output (for a process about to exit on a signal)."""
+    for tmp in list(_PARTIAL_DIRS):
+        shutil.rmtree(tmp, ignore_errors=True)
+        _PARTIAL_DIRS.discard(tmp)
+
+
 @contextlib.contextmanager
-def atomic_directory(final: Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(
+    final: Path, overwrite: bool = True, replaces: str | None = None
+) -> Iterator[Path]:
     """Yield a temp dir beside ``final``; rename it into place only if the block succeeds.
 
     A failed build therefore leaves neither a half-written dir nor a damaged old one.
+    ``replaces`` names the file that marks an existing ``final`` as an earlier output of the
+    same kind: a non-empty dir without it is refused, so a mistyped ``-o`` (the export dir, the
+    current dir, a home dir) never deletes the user's files.
     """
-    final = Path(final)
+    given = Path(final)
+    final = Path(os.path.abspath(given))  # "-o ." has no name to put a temp dir beside
     if final.exists() and not final.is_dir():
-        raise InputError(f"output path {final} exists and is not a directory")
+        raise InputError(f"output path {given} exists and is not a directory")
     if final.exists() and not overwrite:
-        raise InputError(f"output directory {final} already exists")
+        raise InputError(f"output directory {given} already exists")
+    if (
+        replaces is not None
+        and final.is_dir()
+        and any(final.iterdir())
+        and not (final / replaces).is_file()
+    ):
+        raise InputError(
+            f"output directory {given} already holds other files (no {replaces}); "
+            "refusing to replace it: choose a new -o path"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _PARTIAL_DIRS.add(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _PARTIAL_DIRS.discard(tmp)
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -59,9 +59,14 @@ def resolve_model(model: str) -> str:
     """A local dir as is; an embedded model's packaged dir; otherwise the hub id."""
     if Path(model).expanduser().exists():
         path = Path(model).expanduser().resolve()
+        if (path / "manifest.json").is_file():
+            raise InputError(f"{model} is an engine directory; export takes a Hugging Face model")
         if not (path / "config.json").is_file():
             raise InputError(f"{path} has no config.json; is it a Hugging Face model directory?")
         return str(path)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        # Hub ids are "org/name"; anything else that looks like a path was meant as one.
+        raise InputError(f"model directory {model} does not exist")
     package = EMBEDDED_MODELS.get(model)
     if package:
         import importlib
@@ -116,7 +121,7 @@ def export_model(
     from optimum.exporters.onnx import main_export
 
     log.info("exporting %s (task %s) to %s", model, task, output)
-    with atomic_directory(output) as tmp:
+    with atomic_directory(output, replaces="model.onnx") as tmp:
         try:
             main_export(
                 source,
@@ -128,7 +133,8 @@ def export_model(
                 local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE") == "1",
                 do_validation=False,
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # RuntimeError: the ONNX exporter refusing an option (e.g. an opset it lacks).
             raise BuildError(f"cannot export {model!r}: {first_line(exc)}") from exc
         onnx_path = tmp / "model.onnx"
         if not onnx_path.is_file():

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.engine import TensorSpec
+from trtpipe.engine import TOKENIZER_FILES, TensorSpec
 from trtpipe.errors import InputError
 
 
@@ -18,15 +18,23 @@ def load_tokenizer(directory: str) -> Any:
     """The fast tokenizer saved next to the ONNX file / in the engine dir."""
     from transformers import AutoTokenizer
 
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}); "
+            "export the model with trtpipe export, which saves it next to model.onnx"
+        )
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"no usable tokenizer in {directory}: {exc}") from exc
+    except Exception as exc:  # transformers raises many types for broken tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"no usable tokenizer in {directory}: {first}") from exc
 
 
 def read_texts(path: str | Path) -> list[str]:
     """One text per line; blank lines skipped; a clear error for a missing or empty file."""
     file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{file} is a directory; give a text file with one text per line")
     if not file.is_file():
         raise InputError(f"text file {file} does not exist")
     try:

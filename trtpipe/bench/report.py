@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from importlib import metadata
@@ -240,20 +239,6 @@ def generation_table(result: dict[str, Any]) -> str:
 
 def gate_line(gate: dict[str, Any]) -> str:
     return f"accuracy gate: {gate['status']} ({gate['source']})"
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so a failed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> None:

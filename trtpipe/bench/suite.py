@@ -86,6 +86,13 @@ def _shapes(engine: EngineDir, config: BenchConfig) -> tuple[list[int], list[int
 
 
 def _check(engine: EngineDir, config: BenchConfig) -> None:
+    from trtpipe.generation.kv_cache import is_decoder
+
+    if is_decoder(engine.manifest):
+        raise InputError(
+            f"{engine.path} is a text-generation (KV-cache) engine: benchmark it with "
+            "--generate (tokens/s and time to first token)"
+        )
     if config.runs < 1 or config.text_runs < 1:
         raise InputError("--runs and --text-runs must be at least 1")
     if config.warmup < 0:

@@ -95,6 +95,15 @@ def load_onnx(path: Path) -> Any:
     """Load and check an ONNX file; a clear error for a missing or corrupt one."""
     import onnx
 
+    if path.is_dir():
+        hint = (
+            f"; did you mean {path / 'model.onnx'}?"
+            if (path / "model.onnx").is_file()
+            else " (an engine directory is built already)"
+            if (path / "manifest.json").is_file()
+            else ""
+        )
+        raise InputError(f"{path} is a directory; build takes the ONNX file from export{hint}")
     if not path.is_file():
         raise InputError(f"ONNX file {path} does not exist (run trtpipe export first)")
     try:
@@ -153,7 +162,7 @@ def build_engine(config: BuildConfig) -> EngineDir:
         calibration = calibration_feeds(model_dir, texts, inputs, profile)
 
     timings: dict[str, float] = {}
-    with atomic_directory(config.output) as tmp:
+    with atomic_directory(config.output, replaces="manifest.json") as tmp:
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)

@@ -156,12 +156,14 @@ def build_profile(
         if (kind, 1) not in given_kinds:
             values[1] = min(max(values[1], values[0]), values[2])
     for kind, (low, best, high) in ranges.items():
+        if kind != "past":
+            for label, value in (("maximum", high), ("minimum", low), ("optimum", best)):
+                if value < 1:
+                    raise InputError(f"{kind} {label} must be >= 1, got {value}")
         if not low <= best <= high:
             raise InputError(
                 f"{kind} range must satisfy min <= opt <= max, got {low}/{best}/{high}"
             )
-        if kind != "past" and low < 1:
-            raise InputError(f"{kind} minimum must be >= 1, got {low}")
     if position_limit and ranges["sequence"][2] > position_limit:
         raise InputError(
             f"max sequence {ranges['sequence'][2]} exceeds the model's {position_limit} positions"

@@ -94,10 +94,15 @@ PATH = click.Path(path_type=Path)
 @click.option("--plot", "plot_path", type=PATH, help="Write a PNG plot.")
 def command(engine_dir: Path | None, **options: Any) -> None:
     """Benchmark ENGINE_DIR against PyTorch, or a running server with --url."""
-    from trtpipe.bench.report import write_json, write_plot
+    from trtpipe.bench.report import write_plot
     from trtpipe.errors import InputError
+    from trtpipe.jsonfile import check_writable, write_json
 
     json_path, plot_path = options.pop("json_path"), options.pop("plot_path")
+    if json_path:
+        check_writable(json_path)
+    if plot_path:
+        check_writable(plot_path, "--plot")
     if options["url"]:
         report = _online(options)
     elif engine_dir is None:

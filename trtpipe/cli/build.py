@@ -6,12 +6,19 @@ from pathlib import Path
 
 import click
 
+from trtpipe.export import TASKS
+
 
 @click.command("build")
 @click.argument("onnx_path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
 @click.option("--fp16", "precision", flag_value="fp16", help="FP16 via ModelOpt AutoCast.")
-@click.option("--int8", "precision", flag_value="int8", help="INT8 (Q/DQ for TensorRT).")
+@click.option(
+    "--int8",
+    "precision",
+    flag_value="int8",
+    help="INT8 (Q/DQ for TensorRT; dynamic int8 on ONNX Runtime).",
+)
 @click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32 (default).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration texts, one a line.")
 @click.option(
@@ -41,7 +48,12 @@ import click
 @click.option("--min-shapes", help="Profile minimum, e.g. input_ids:1x1 (name:BxS, comma list).")
 @click.option("--opt-shapes", help="Profile optimum, e.g. input_ids:8x128.")
 @click.option("--max-shapes", help="Profile maximum, e.g. input_ids:32x512.")
-@click.option("--workspace-mb", type=int, default=4096, show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(TASKS),
+    help="Model task, when the ONNX file has no export info or config.json beside it.",
+)
+@click.option("--workspace-mb", type=click.IntRange(1), default=4096, show_default=True)
 @click.option(
     "--opt-level",
     "optimization_level",
@@ -67,6 +79,7 @@ def command(
     min_shapes: str | None,
     opt_shapes: str | None,
     max_shapes: str | None,
+    task: str | None,
     workspace_mb: int,
     optimization_level: int,
     timing_cache: Path | None,
@@ -74,7 +87,7 @@ def command(
     """Build an engine directory from ONNX_PATH (an ``export`` output)."""
     from trtpipe.build import BuildConfig, build_engine, resolve_backend
     from trtpipe.build.profile import parse_shapes
-    from trtpipe.devices import Device, parse_device
+    from trtpipe.devices import Device, parse_device, require_visible
     from trtpipe.text import read_texts
 
     chosen = resolve_backend(backend)
@@ -83,6 +96,8 @@ def command(
         if device
         else (Device("cuda", 0) if chosen == "tensorrt" else Device("cpu"))
     )
+    if device:
+        require_visible(target)
     config = BuildConfig(
         onnx_path=onnx_path,
         output=output,
@@ -96,6 +111,7 @@ def command(
         optimization_level=optimization_level,
         timing_cache=timing_cache,
         device=target,
+        task=task,
         int8_selection=int8_selection,
         int8_target=int8_target,
     )

@@ -17,23 +17,31 @@ import click
 @click.option(
     "--random",
     "random_samples",
-    type=int,
+    type=click.IntRange(0),
     default=0,
     help="Use N random valid inputs instead of text.",
 )
 @click.option(
-    "--seq-len", type=int, default=64, show_default=True, help="Sequence length for --random."
+    "--seq-len",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Sequence length for --random.",
 )
 @click.option("--reference", help="Reference model (default: the manifest's source model).")
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON."
 )
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Device for the engine runner.")
-@click.option("--max-abs", type=float, help="Override: maximum absolute error.")
-@click.option("--min-cosine", type=float, help="Override: minimum per-row cosine.")
-@click.option("--mean-cosine", type=float, help="Override: minimum mean cosine.")
-@click.option("--min-top1", type=float, help="Override: minimum top-1 agreement (0..1).")
+@click.option("--max-abs", type=click.FloatRange(0), help="Override: maximum absolute error.")
+@click.option(
+    "--min-cosine", type=click.FloatRange(-1, 1), help="Override: minimum per-row cosine."
+)
+@click.option("--mean-cosine", type=click.FloatRange(-1, 1), help="Override: minimum mean cosine.")
+@click.option(
+    "--min-top1", type=click.FloatRange(0, 1), help="Override: minimum top-1 agreement (0..1)."
+)
 def command(
     engine_dir: str,
     texts: Path | None,
@@ -53,8 +61,11 @@ def command(
     from trtpipe.devices import parse_device
     from trtpipe.engine import EngineDir
     from trtpipe.errors import AccuracyError
+    from trtpipe.jsonfile import check_writable
 
     engine = EngineDir(engine_dir)
+    if json_path:
+        check_writable(json_path)
     tolerances = Tolerances.for_precision(engine.manifest.precision)
     for field_name, value in (
         ("max_abs", max_abs),

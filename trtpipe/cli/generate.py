@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -49,6 +48,7 @@ def command(
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
     from trtpipe.generation import Generator, SamplingParams
+    from trtpipe.jsonfile import check_writable, write_json
     from trtpipe.text import read_texts
 
     if bool(prompts) == bool(prompts_file):
@@ -68,6 +68,8 @@ def command(
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     targets = parse_gpus(gpus) if gpus else parse_devices(devices or "cpu")
+    if json_path:
+        check_writable(json_path)
     with Generator(engine_dir, targets, threads) as generator:
         run = generator.run(texts, params, batch_size)
     for result in run.results:
@@ -96,8 +98,5 @@ def command(
             "summary": summary,
             "results": [r.to_dict() for r in run.results],
         }
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(json_path)
+        write_json(json_path, payload)
         click.echo(f"wrote {json_path}", err=True)

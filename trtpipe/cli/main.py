@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -49,6 +51,7 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = _exit_cleanly_on_signals()
         try:
             return super().invoke(ctx)
         except TrtpipeError as exc:
@@ -57,6 +60,37 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM (``kill``, a CI timeout): remove half-written outputs and exit.
+
+    Raising KeyboardInterrupt instead can land inside an import or a C++ callback, where it
+    turns into an abort or an unrelated ImportError and the temp dir stays behind.
+    """
+    from trtpipe.engine import remove_partial_dirs
+
+    remove_partial_dirs()
+    click.echo("interrupted", err=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(128 + signum)
+
+
+def _exit_cleanly_on_signals() -> dict[int, Any]:
+    """Install ``_on_signal`` for SIGINT and SIGTERM; ``serve`` puts its draining handlers over
+    these while it serves. Returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        previous[signum] = signal.SIG_DFL if handler is None else handler
+        signal.signal(signum, _on_signal)
+    return previous
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

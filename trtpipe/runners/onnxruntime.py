@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.devices import Device
+from trtpipe.devices import Device, require_visible
 from trtpipe.engine import EngineDir
 from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
 from trtpipe.runners.base import ManifestRunner
@@ -33,6 +33,7 @@ def providers_for(device: Device) -> list[Any]:
 
     if not device.is_gpu:
         return ["CPUExecutionProvider"]
+    require_visible(device)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise BackendUnavailableError(
             f"{device} requested but this onnxruntime has no CUDAExecutionProvider; "
@@ -81,6 +82,10 @@ class OnnxRuntimeRunner(ManifestRunner):
         except InputError:
             raise
         except Exception as exc:
+            if type(exc).__name__ == "InvalidArgument":
+                # ONNX Runtime's INVALID_ARGUMENT is about the data (an id outside a table),
+                # not the device: the caller's error, and the device stays healthy.
+                raise InputError(f"{self.describe()} rejected the inputs: {exc}") from exc
             raise RunnerError(f"{self.describe()} failed: {exc}") from exc
         return dict(zip(names, values, strict=True))
 

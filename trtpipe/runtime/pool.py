@@ -140,12 +140,17 @@ class DevicePool:
         if self._started:
             return
         futures = [(w, w.executor.submit(self._load, w)) for w in self._workers]
-        for worker, future in futures:
-            self._settle_load(worker, future)
+        failures = [(w, e) for w, e in ((w, self._settle_load(w, f)) for w, f in futures) if e]
         self._started = True
         if not self.ready:
+            user_errors = [e for _, e in failures if _is_user_error(e)]
+            if failures and len(user_errors) == len(failures):
+                # The same mistake on every device (no GPU, wrong engine): say it once.
+                raise user_errors[0]
             errors = "; ".join(f"{w.device}: {w.last_error}" for w in self._workers)
             raise RunnerError(f"no device could load the engine ({errors})")
+        for worker, _ in failures:
+            log.error("%s failed to load: %s", worker.device, worker.last_error)
         loaded = [str(w.device) for w in self._workers if w.healthy]
         log.info("device pool ready on %s (policy %s)", ", ".join(loaded), self.policy)
 
@@ -158,7 +163,8 @@ class DevicePool:
             if not w.healthy and not self._closed
         ]
         for worker, future in futures:
-            self._settle_load(worker, future)
+            if self._settle_load(worker, future) is not None:
+                log.error("%s failed to load again: %s", worker.device, worker.last_error)
             if worker.healthy:
                 revived.append(str(worker.device))
                 log.info("%s is healthy again", worker.device)
@@ -175,15 +181,15 @@ class DevicePool:
         runner.load()
         worker.runner = runner
 
-    def _settle_load(self, worker: _Worker, future: Future[None]) -> None:
+    def _settle_load(self, worker: _Worker, future: Future[None]) -> Exception | None:
         try:
             future.result()
         except Exception as exc:
             worker.healthy = False
             worker.last_error = _describe(exc)
-            log.error("%s failed to load: %s", worker.device, worker.last_error)
-        else:
-            worker.healthy = True
+            return exc
+        worker.healthy = True
+        return None
 
     def close(self) -> None:
         """Close every runner on its own thread and stop the threads; safe to call twice."""
@@ -345,6 +351,11 @@ class DevicePool:
                 raise
             except Exception as exc:
                 self._failed(index, exc, tried)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """A mistake the user fixes (options, engine dir), not a device that broke."""
+    return isinstance(exc, TrtpipeError) and not isinstance(exc, RunnerError)
 
 
 def _describe(exc: BaseException) -> str:
