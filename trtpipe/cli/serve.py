@@ -140,7 +140,7 @@ def command(
         ),
     )
     click.echo(
-        f"loading {', '.join(sorted(repository.models))} on {', '.join(map(str, chosen))} ...",
+        f"loading {', '.join(repository.names)} on {', '.join(map(str, chosen))} ...",
         err=True,
     )
 
@@ -150,7 +150,7 @@ def command(
             parts.append(f"HTTP http://{host}:{started.http_port}")
         if started.grpc_port:
             parts.append(f"gRPC {host}:{started.grpc_port}")
-        click.echo(f"serving {sorted(repository.models)} on {', '.join(parts)}", err=True)
+        click.echo(f"serving {repository.names} on {', '.join(parts)}", err=True)
 
     asyncio.run(server.run(on_started=announce))
     click.echo("server stopped", err=True)

@@ -52,20 +52,39 @@ def listen(host: str, port: int, what: str) -> socket.socket:
     """A listening TCP socket. ``proto`` is IPPROTO_TCP on purpose: asyncio sets TCP_NODELAY on
     accepted connections only then, and without it keep-alive clients wait ~40 ms per response
     (Nagle against delayed ACKs)."""
+    sock = bound_socket(host, port, what)
+    try:
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise port_error(host, port, what, exc) from None
+    sock.setblocking(False)
+    return sock
+
+
+def bound_socket(host: str, port: int, what: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(2048)
     except OSError as exc:
         sock.close()
-        raise InputError(
-            f"cannot listen for {what} on {host}:{port} ({exc.strerror}); "
-            f"choose another --{what.lower()}-port"
-        ) from None
-    sock.setblocking(False)
+        raise port_error(host, port, what, exc) from None
     return sock
+
+
+def port_error(host: str, port: int, what: str, exc: OSError) -> InputError:
+    return InputError(
+        f"cannot listen for {what} on {host}:{port} ({exc.strerror}); "
+        f"choose another --{what.lower()}-port (0 disables)"
+    )
+
+
+def check_port_free(host: str, port: int | None, what: str) -> None:
+    """Bind and release at once, so a port in use is reported before minutes of loading."""
+    if port:
+        bound_socket(host, port, what).close()
 
 
 class InferenceServer:
@@ -88,6 +107,8 @@ class InferenceServer:
         if self._stop_requested is None:
             self._stop_requested = asyncio.Event()
         try:
+            check_port_free(self.config.host, self.config.http_port, "HTTP")
+            check_port_free(self.config.host, self.config.grpc_port, "gRPC")
             await self.repository.start()
             await self._start_http()
             await self._start_grpc()

@@ -29,23 +29,36 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def sampling_params(values: Mapping[str, Any], max_tokens_key: str, default_max: int) -> Any:
     """Request fields -> validated SamplingParams (InputError names the bad field)."""
+    max_tokens = values.get(max_tokens_key)
+    if max_tokens is None:
+        max_tokens = values.get("max_new_tokens", default_max)
     try:
-        max_tokens = values.get(max_tokens_key)
-        if max_tokens is None:
-            max_tokens = values.get("max_new_tokens", default_max)
         temperature = float(values.get("temperature", 1.0))
         params = SamplingParams(
-            max_new_tokens=int(max_tokens),
+            max_new_tokens=whole_number(max_tokens, max_tokens_key),
             greedy=bool(values.get("greedy", False)),
             temperature=temperature,
-            top_k=int(values.get("top_k", 0)),
+            top_k=whole_number(values.get("top_k", 0), "top_k"),
             top_p=float(values.get("top_p", 1.0)),
-            seed=None if values.get("seed") is None else int(values["seed"]),
+            seed=None if values.get("seed") is None else whole_number(values["seed"], "seed"),
             ignore_eos=bool(values.get("ignore_eos", False)),
         )
     except (TypeError, ValueError) as exc:
         raise InputError(f"bad generation parameter: {exc}") from exc
     return params.validate()
+
+
+def whole_number(value: Any, field: str) -> int:
+    """An integer field: ints (and integral numbers) only, so 2.5 tokens is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{field!r} must be an integer, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{field!r} must be an integer, got {value!r}") from None
+    if not number.is_integer():
+        raise InputError(f"{field!r} must be an integer, got {value!r}")
+    return int(number)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -104,7 +117,10 @@ def generate_router(generators: Mapping[str, Generator]) -> APIRouter:
         prompt = body.get("text_input")
         if not isinstance(prompt, str):
             raise InputError('the request needs "text_input" (a string)')
-        values = {**body, **(body.get("parameters") or {})}
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InputError('"parameters" must be a JSON object')
+        values = {**body, **parameters}
         return generator, prompt, sampling_params(values, "max_tokens", 50)
 
     @router.post("/v2/models/{name}/generate")
@@ -160,9 +176,13 @@ def generate_router(generators: Mapping[str, Generator]) -> APIRouter:
             prompts = body.get("prompt")
             if isinstance(prompts, str):
                 prompts = [prompts]
-            if not prompts or not all(isinstance(p, str) for p in prompts):
+            if (
+                not isinstance(prompts, list)
+                or not prompts
+                or not all(isinstance(p, str) for p in prompts)
+            ):
                 raise InputError('"prompt" must be a string or a list of strings')
-            if int(body.get("n") or 1) != 1:
+            if body.get("n", 1) not in (1, None):
                 raise InputError('only "n": 1 is supported')
             params = sampling_params(body, "max_tokens", 16)
             stream = bool(body.get("stream", False))

@@ -198,6 +198,10 @@ def create_http_app(
                 }
                 for m in repository
             ]
+            + [
+                {"name": name, "version": "1", "state": "READY"}
+                for name in sorted(repository.generators)
+            ]
         )
 
     @app.get("/metrics")

@@ -9,6 +9,8 @@ devices beyond what the pool reports.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 import threading
 import time
@@ -366,7 +368,29 @@ class ServedModel:
         missing = sorted(set(specs) - set(feeds))
         if missing:
             raise ProtocolError(f"missing input(s) {missing} for model {self.name!r}")
+        for name, limit in self.id_limits.items():
+            values = feeds.get(name)
+            if values is not None and values.size and (values.min() < 0 or values.max() >= limit):
+                # An id outside the embedding table crashes the kernel (or reads out of bounds
+                # on a GPU) and would fail every request batched with this one.
+                raise ProtocolError(
+                    f"input {name!r} holds values outside 0..{limit - 1} "
+                    f"(model {self.name!r} has {limit} entries)"
+                )
         return feeds
+
+    @functools.cached_property
+    def id_limits(self) -> dict[str, int]:
+        """Embedding-table sizes from the engine's config.json: ids must stay below them."""
+        try:
+            config = json.loads((self.engine.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        limits = {
+            "input_ids": config.get("vocab_size"),
+            "token_type_ids": config.get("type_vocab_size"),
+        }
+        return {k: int(v) for k, v in limits.items() if isinstance(v, int) and v > 0}
 
     def check_limits(self, name: str, shape: list[int]) -> None:
         shape_range = self.pool.profile.get(name)
@@ -556,10 +580,13 @@ class ModelRepository:
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         model = self.models.get(name)
-        if model is None:
+        if model is None and name in self.generators:
             raise ModelNotFoundError(
-                f"unknown model {name!r}; this server serves {sorted(self.models)}"
+                f"model {name!r} is a text-generation engine: use POST "
+                f"/v2/models/{name}/generate, /v2/models/{name}/generate_stream or /v1/completions"
             )
+        if model is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; this server serves {self.names}")
         if version not in (None, "", model.version):
             raise ModelNotFoundError(
                 f"model {name!r} has no version {version!r}; available: [{model.version!r}]"
@@ -568,6 +595,11 @@ class ModelRepository:
 
     def __iter__(self) -> Any:
         return iter(self.models.values())
+
+    @property
+    def names(self) -> list[str]:
+        """Every served model: tensor models and text-generation engines."""
+        return sorted([*self.models, *self.generators])
 
     @property
     def ready(self) -> bool:
