@@ -24,15 +24,21 @@ import numpy as np
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir, TensorSpec
 from trtpipe.errors import InputError
+from trtpipe.server.documents import (
+    TEXT_INPUT,
+    VERSION,
+    Counter,
+    model_config,
+    model_metadata,
+    model_statistics,
+)
 from trtpipe.server.protocol import InferRequest, ProtocolError, v2_datatype
 
 log = logging.getLogger(__name__)
 
-TEXT_INPUT = "text"
 MASK_OUTPUT = "attention_mask"
 POOLED_OUTPUT = "sentence_embedding"
 TOKEN_OUTPUTS = ("token_embeddings", "last_hidden_state")
-VERSION = "1"
 
 
 class ModelNotFoundError(InputError):
@@ -54,19 +60,6 @@ class ServeConfig:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024
     timeout_s: float = 30.0
-
-
-@dataclass
-class Counter:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        self.count += 1
-        self.ns += ns
-
-    def to_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
 
 
 PoolFactory = Callable[[EngineDir, ServeConfig], Any]
@@ -197,100 +190,15 @@ class ServedModel:
             self._tokenizer = load_tokenizer(str(self.engine.path))
         return self._tokenizer
 
-    # -- protocol documents ---------------------------------------------------------------------
+    # -- protocol documents (trtpipe.server.documents) ---------------------------------------
     def metadata(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "name": self.name,
-            "versions": [self.version],
-            "platform": platform_name(self.manifest.backend),
-            "inputs": [tensor_metadata(s) for s in self.inputs],
-            "outputs": [tensor_metadata(s) for s in self.outputs],
-        }
-        if self.is_text_model:
-            doc["parameters"] = {
-                "text_input": {"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]},
-                "max_sequence_length": self.max_sequence_length,
-                "task": self.manifest.task,
-            }
-        return doc
+        return model_metadata(self)
 
     def model_config(self) -> dict[str, Any]:
-        """The Triton model-config fields that perf_analyzer and tritonclient read."""
-        devices = self.config.devices
-        gpus = [d.index for d in devices if d.is_gpu]
-        cpus = [d for d in devices if not d.is_gpu]
-        groups: list[dict[str, Any]] = []
-        if gpus:
-            groups.append(
-                {"name": f"{self.name}_gpu", "kind": "KIND_GPU", "count": 1, "gpus": gpus}
-            )
-        if cpus:
-            groups.append({"name": f"{self.name}_cpu", "kind": "KIND_CPU", "count": len(cpus)})
-        return {
-            "name": self.name,
-            "platform": platform_name(self.manifest.backend),
-            "backend": self.manifest.backend,
-            "max_batch_size": self.max_batch_size,
-            "input": [config_tensor(s) for s in self.inputs],
-            "output": [config_tensor(s) for s in self.outputs],
-            "dynamic_batching": {
-                "preferred_batch_size": [self.max_batch_size],
-                "max_queue_delay_microseconds": int(self.config.max_queue_delay_ms * 1000),
-                "default_queue_policy": {
-                    "timeout_action": "REJECT",
-                    "default_timeout_microseconds": int(self.config.timeout_s * 1e6),
-                    "max_queue_size": self.config.max_queue_size,
-                },
-            },
-            "instance_group": groups,
-            "version_policy": {"latest": {"num_versions": 1}},
-            "parameters": {
-                "precision": {"string_value": self.manifest.precision},
-                "task": {"string_value": self.manifest.task},
-            },
-        }
+        return model_config(self)
 
     def statistics(self) -> dict[str, Any]:
-        """Triton statistics-extension document for this model.
-
-        ``success``/``fail`` count requests as the front ends saw them (one HTTP/gRPC request
-        each); queue and compute figures come from the batcher, charged per batched request.
-        """
-        stats = self.batcher_stats()
-        answered = int(stats.get("request_success", 0))
-
-        def duration(key: str) -> dict[str, int]:
-            return {"count": answered, "ns": int(stats.get(key, 0))}
-
-        batch_sizes = stats.get("batch_sizes", {}) or {}
-        return {
-            "name": self.name,
-            "version": self.version,
-            "last_inference": self.last_inference_ms,
-            "inference_count": int(stats.get("inference_count", 0)),
-            "execution_count": int(stats.get("execution_count", 0)),
-            "inference_stats": {
-                "success": self.success.to_dict(),
-                "fail": self.failure.to_dict(),
-                "queue": duration("queue_ns"),
-                "compute_input": duration("compute_input_ns"),
-                "compute_infer": duration("compute_infer_ns"),
-                "compute_output": duration("compute_output_ns"),
-                "cache_hit": {"count": 0, "ns": 0},
-                "cache_miss": {"count": 0, "ns": 0},
-            },
-            "batch_stats": [
-                {
-                    "batch_size": int(size),
-                    "compute_infer": {"count": entry["count"], "ns": entry["compute_ns"]},
-                }
-                for size, entry in sorted(batch_sizes.items(), key=lambda kv: int(kv[0]))
-            ],
-            "memory_usage": [],
-            "pending_request_count": self.pending,
-            "average_batch_size": stats.get("average_batch_size", 0.0),
-            "devices": self.devices_status(),
-        }
+        return model_statistics(self)
 
     def batcher_stats(self) -> dict[str, Any]:
         """The batcher's counters as a dict (empty before start)."""
@@ -527,25 +435,6 @@ def stack_padded(parts: list[np.ndarray], spec: TensorSpec, longest: int) -> np.
 
 def is_sequence_output(spec: TensorSpec) -> bool:
     return len(spec.dims) >= 2 and spec.dims[1] == "sequence"
-
-
-def platform_name(backend: str) -> str:
-    return {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}.get(backend, backend)
-
-
-def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": v2_datatype(spec.dtype), "shape": list(spec.shape)}
-
-
-def config_tensor(spec: TensorSpec) -> dict[str, Any]:
-    """Triton config entry: dims without the batch dimension."""
-    dims = list(spec.shape[1:]) if spec.dims and spec.dims[0] == "batch" else list(spec.shape)
-    return {"name": spec.name, "data_type": "TYPE_" + triton_type(spec.dtype), "dims": dims}
-
-
-def triton_type(dtype: str) -> str:
-    name = v2_datatype(dtype)
-    return {"BYTES": "STRING"}.get(name, name)
 
 
 class ModelRepository:
