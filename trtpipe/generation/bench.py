@@ -53,10 +53,7 @@ def benchmark_generation(
         "max_new_tokens": max_new_tokens,
         "generated_tokens": tokens,
         "runs": runs,
-        "tokens_per_s": statistics.median(rates),
-        "wall_s": statistics.median(walls),
-        "ttft_ms_p50": 1000 * statistics.median(ttfts),
-        "ttft_ms_p90": 1000 * percentile(ttfts, 90),
+        **timing_summary(rates, walls, ttfts),
     }
 
 
@@ -125,10 +122,7 @@ def hf_generate_baseline(
         "max_new_tokens": max_new_tokens,
         "generated_tokens": tokens,
         "runs": runs,
-        "tokens_per_s": statistics.median(rates),
-        "wall_s": statistics.median(walls),
-        "ttft_ms_p50": 1000 * statistics.median(ttfts),
-        "ttft_ms_p90": 1000 * percentile(ttfts, 90),
+        **timing_summary(rates, walls, ttfts),
     }
 
 
@@ -138,3 +132,13 @@ def percentile(values: Sequence[float], q: float) -> float:
         return 0.0
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def timing_summary(rates: list[float], walls: list[float], ttfts: list[float]) -> dict[str, float]:
+    """Median tokens/s and wall time of the runs; time to first token p50/p90 in ms."""
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "wall_s": statistics.median(walls),
+        "ttft_ms_p50": 1000 * statistics.median(ttfts),
+        "ttft_ms_p90": 1000 * percentile(ttfts, 90),
+    }

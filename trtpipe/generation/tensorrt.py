@@ -37,16 +37,7 @@ class _StepRunner(TensorRTRunner):
             cuda.set_device(self.device.index)
             context, stream = self._context, self._stream
             for name, array in feeds.items():
-                host = self._host_buffers[name].view(array.shape)
-                np.copyto(host, array, casting="same_kind")
-                device = self._device_buffers[name]
-                cuda.memcpy_htod_async(
-                    device.ptr, self._host_buffers[name].ptr, host.nbytes, stream
-                )
-                if not context.set_input_shape(name, tuple(array.shape)):
-                    raise InputError(
-                        f"input {name!r} shape {list(array.shape)} is outside the engine's profile"
-                    )
+                device = self._upload_input(cuda, name, array)
                 context.set_tensor_address(name, device.ptr)
             for name, shape in cache_shapes.items():
                 if not context.set_input_shape(name, shape):

@@ -149,6 +149,18 @@ class TensorRTRunner(ManifestRunner):
         self._device_buffers[name] = cuda.DeviceBuffer(host.nbytes)
 
     # -- infer -----------------------------------------------------------------------------
+    def _upload_input(self, cuda: Any, name: str, array: np.ndarray) -> Any:
+        """Pinned host copy, async host->device copy, input shape set; returns the buffer."""
+        host = self._host_buffers[name].view(array.shape)
+        np.copyto(host, array, casting="same_kind")
+        device = self._device_buffers[name]
+        cuda.memcpy_htod_async(device.ptr, self._host_buffers[name].ptr, host.nbytes, self._stream)
+        if not self._context.set_input_shape(name, tuple(array.shape)):
+            raise InputError(
+                f"input {name!r} shape {list(array.shape)} is outside the engine's profile"
+            )
+        return device
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from trtpipe import cuda
 
@@ -158,17 +170,7 @@ class TensorRTRunner(ManifestRunner):
             cuda.set_device(self.device.index)
             context, stream = self._context, self._stream
             for name in self._input_names:
-                array = feeds[name]
-                host = self._host_buffers[name].view(array.shape)
-                np.copyto(host, array, casting="same_kind")
-                device = self._device_buffers[name]
-                cuda.memcpy_htod_async(
-                    device.ptr, self._host_buffers[name].ptr, host.nbytes, stream
-                )
-                if not context.set_input_shape(name, tuple(array.shape)):
-                    raise InputError(
-                        f"input {name!r} shape {list(array.shape)} is outside the engine's profile"
-                    )
+                self._upload_input(cuda, name, feeds[name])
             for name, device in self._device_buffers.items():
                 if not context.set_tensor_address(name, device.ptr):
                     raise RunnerError(f"TensorRT rejected the address of tensor {name!r}")
