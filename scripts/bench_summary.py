@@ -192,7 +192,7 @@ def plot(out: Path, path: Path) -> None:
     for precision in precisions(out):
         fixed, text = load(out / f"fixed_{precision}.json"), load(out / f"text_{precision}.json")
         machine = machine or (fixed or text or {}).get("machine", {})
-        tag = f"{precision} engine (gate {gate(out, precision)})"
+        tag = f"{precision} engine\ngate {gate(out, precision)}"
         if fixed:
             row = fixed["fixed"][0]
             fixed_names.append(tag)
