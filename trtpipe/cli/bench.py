@@ -119,7 +119,7 @@ def command(engine_dir: Path | None, **options: Any) -> None:
             baseline=options["baseline"],
             batch_sizes=_ints(options["batch_sizes"], "--batch-sizes"),
             seq_lens=_ints(options["seq_lens"], "--seq-lens"),
-            fixed=asked_fixed or not (options["texts"] or scaling),
+            fixed=not scaling and (asked_fixed or not options["texts"]),
             runs=options["runs"],
             warmup=options["warmup"],
             threads=options["threads"],
