@@ -189,8 +189,14 @@ async def _level(
 
 
 async def _sweep(config: OnlineConfig, vocab: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    import tritonclient.http.aio as triton_http
-    from tritonclient.http import InferInput, InferRequestedOutput
+    try:
+        import tritonclient.http.aio as triton_http
+        from tritonclient.http import InferInput, InferRequestedOutput
+    except ImportError as exc:
+        raise InputError(
+            f"the online bench needs tritonclient's HTTP client ({exc}); "
+            "pip install 'tritonclient[http]'"
+        ) from exc
 
     url = config.url.removeprefix("http://")
     client = triton_http.InferenceServerClient(url, conn_limit=max(config.concurrency) + 4)
