@@ -66,10 +66,10 @@ def test_fp16_autocast(engines: dict[str, EngineDir]) -> None:
     assert engine.manifest.outputs[0].dtype == "float32"
 
 
-# Measured: min cosine 0.994 built-in / 0.990 held-out (docs/precision.md); the floors leave
-# room for CPU kernel differences.
+# Measured: min cosine 0.995 built-in / 0.992 held-out (docs/precision.md): the stretch goal
+# (>= 0.99 on real text) with a little room for CPU kernel differences.
 @pytest.mark.parametrize(
-    ("texts", "floor"), [(None, 0.99), (HELDOUT, 0.985)], ids=["built-in", "held-out"]
+    ("texts", "floor"), [(None, 0.99), (HELDOUT, 0.99)], ids=["built-in", "held-out"]
 )
 def test_int8_passes_gate(engines: dict[str, EngineDir], texts: Path | None, floor: float) -> None:
     report = compare_engine(engines["int8"], Tolerances.for_precision("int8"), texts_file=texts)
@@ -84,14 +84,14 @@ def test_int8_build_record(engines: dict[str, EngineDir]) -> None:
     assert method["method"] == "onnxruntime.quantize_dynamic"
     assert method["per_channel"] is True
     assert method["selection"] == "greedy"
-    # 24 weighted nodes (6 fused attentions + 18 MatMuls); greedy keeps at most a third in fp32,
-    # stopping early once the calibration text's worst row reaches 0.995.
+    # 24 weighted nodes (6 fused attentions + 18 MatMuls); greedy keeps at most 9 in fp32,
+    # stopping early once the calibration text's worst row reaches 0.996.
     kept = method["kept_fp32"]
-    assert method["budget"] == 8
-    assert 1 <= len(kept) <= 8
+    assert method["budget"] == 9
+    assert 1 <= len(kept) <= 9
     assert method["calibration_sentences"] == 32
     assert method["calibration_cosine_min_all_int8"] < 0.99
-    assert method["calibration_cosine_min"] >= 0.995 or len(kept) == 8
+    assert method["calibration_cosine_min"] >= 0.996 or len(kept) == 9
     assert method["calibration_cosine_min"] > method["calibration_cosine_min_all_int8"]
     steps = [step["keep_fp32"] for step in method["selection_steps"]]
     assert steps == kept

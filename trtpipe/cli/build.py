@@ -35,7 +35,7 @@ from trtpipe.export import TASKS
     type=click.FloatRange(0, 1, min_open=True),
     default=None,
     help="ONNX Runtime INT8, greedy: stop keeping nodes in fp32 once the worst calibration "
-    "row reaches this cosine [default: 0.995].",
+    "row reaches this cosine [default: 0.996].",
 )
 @click.option(
     "--backend",
