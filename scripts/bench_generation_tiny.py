@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.decoders import save_tiny_gpt2, save_tiny_llama
-from trtpipe.build import BuildConfig, build_engine
+from trtpipe.build import BuildConfig, build_engine_dir
 from trtpipe.export import export_model
 from trtpipe.generation.bench import benchmark_generation, hf_generate_baseline
 from trtpipe.text import sample_texts
@@ -34,7 +34,7 @@ def main() -> None:
                 str(model), Path(work) / f"{name}-onnx", "text-generation-with-past"
             )
             engine = Path(work) / f"{name}-engine"
-            build_engine(BuildConfig(onnx_path=onnx, output=engine, backend="onnxruntime"))
+            build_engine_dir(BuildConfig(onnx_path=onnx, output=engine, backend="onnxruntime"))
             for batch, count in ((1, 4), (8, 16)):
                 prompts = [t[:40] for t in texts[:count]]
                 ours = benchmark_generation(engine, prompts, batch, args.new_tokens, runs=args.runs)

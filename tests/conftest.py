@@ -117,10 +117,10 @@ def tiny_bert_onnx(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_bert_engine(tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """fp32 ONNX Runtime engine dir of the tiny BERT (max batch 8, max seq 64)."""
-    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.build import BuildConfig, build_engine_dir
 
     out = tmp_path_factory.mktemp("tiny-bert-engine") / "engine"
-    build_engine(
+    build_engine_dir(
         BuildConfig(
             onnx_path=tiny_bert_onnx,
             output=out,

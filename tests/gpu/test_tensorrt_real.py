@@ -19,7 +19,7 @@ pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installe
 
 from click.testing import CliRunner  # noqa: E402
 
-from trtpipe.build import BuildConfig, build_engine  # noqa: E402
+from trtpipe.build import BuildConfig, build_engine_dir  # noqa: E402
 from trtpipe.cli.main import cli  # noqa: E402
 from trtpipe.devices import Device, cuda_device_count  # noqa: E402
 from trtpipe.engine import EngineDir  # noqa: E402
@@ -54,7 +54,7 @@ def timing_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trt_engine(tiny_bert_onnx: Path, timing_cache: Path, tmp_path_factory: pytest.TempPathFactory):
-    return build_engine(
+    return build_engine_dir(
         BuildConfig(
             onnx_path=tiny_bert_onnx,
             output=tmp_path_factory.mktemp("trt-engine") / "engine",
@@ -158,7 +158,7 @@ def test_timing_cache_written_and_reused(
 ):
     size = timing_cache.stat().st_size
     assert size > 0
-    build_engine(
+    build_engine_dir(
         BuildConfig(
             onnx_path=tiny_bert_onnx,
             output=tmp_path / "again",
@@ -182,7 +182,7 @@ def test_unsupported_op_is_build_error_with_parser_details(tiny_bert_onnx: Path,
     node.op_type = "FancyGather"
     onnx.save(model, str(model_dir / "model.onnx"))
     with pytest.raises(BuildError, match="FancyGather"):
-        build_engine(
+        build_engine_dir(
             BuildConfig(
                 onnx_path=model_dir / "model.onnx",
                 output=tmp_path / "e",

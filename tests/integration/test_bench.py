@@ -227,7 +227,7 @@ def test_online_without_a_server_is_a_clear_error() -> None:
 
 def test_generation_mode_against_hf_generate(tmp_path: Path) -> None:
     from tests.decoders import save_tiny_llama
-    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.build import BuildConfig, build_engine_dir
     from trtpipe.export import export_model
 
     onnx_path = export_model(
@@ -236,7 +236,7 @@ def test_generation_mode_against_hf_generate(tmp_path: Path) -> None:
         task="text-generation-with-past",
     )
     engine = tmp_path / "engine"
-    build_engine(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
+    build_engine_dir(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The King is dead.\nOnce upon a time\nNumbers like 1, 2, 3\n")
     out, png = tmp_path / "gen.json", tmp_path / "gen.png"

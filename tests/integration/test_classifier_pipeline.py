@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trtpipe.build import BuildConfig, build_engine
+from trtpipe.build import BuildConfig, build_engine_dir
 from trtpipe.compare import Tolerances, compare_engine
 from trtpipe.export import export_model
 
@@ -24,7 +24,7 @@ def classifier_onnx(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPath
 def test_text_classification(
     classifier_onnx: Path, tmp_path: Path, precision: str, top1: float
 ) -> None:
-    engine = build_engine(
+    engine = build_engine_dir(
         BuildConfig(
             onnx_path=classifier_onnx,
             output=tmp_path / precision,
@@ -54,7 +54,7 @@ def test_token_head_fp32(tmp_path: Path, head: str) -> None:
     onnx_path = export_model(str(model_dir), tmp_path / "onnx")
     config = BuildConfig(onnx_path=onnx_path, output=tmp_path / "engine", backend="onnxruntime")
     config.max_shapes, config.opt_shapes = SMALL["max_shapes"], SMALL["opt_shapes"]
-    engine = build_engine(config)
+    engine = build_engine_dir(config)
     expected = {"token": "token-classification", "qa": "question-answering"}[head]
     assert engine.manifest.task == expected
     report = compare_engine(engine, Tolerances.for_precision("fp32"))

@@ -28,13 +28,13 @@ SAVERS = {"llama": save_tiny_llama, "gpt2": save_tiny_gpt2}
 def build(onnx_path: Path, out: Path, precision: str, backend: str = "onnxruntime") -> Path:
     import onnx
 
-    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.build import BuildConfig, build_engine_dir
     from trtpipe.build.profile import onnx_io_specs
     from trtpipe.devices import Device
 
     inputs, _ = onnx_io_specs(onnx.load(str(onnx_path), load_external_data=False))
     past = next(s for s in inputs if s.name == "past_key_values.0.key")
-    build_engine(
+    build_engine_dir(
         BuildConfig(
             onnx_path=onnx_path,
             output=out,

@@ -18,7 +18,7 @@ MODEL = "tiny-llama"
 def served(tiny_bert_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The real ``trtpipe serve`` stack serving a decoder beside an encoder engine."""
     from tests.server_utils import start_server
-    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.build import BuildConfig, build_engine_dir
     from trtpipe.export import export_model
     from trtpipe.generation import Generator
 
@@ -27,7 +27,7 @@ def served(tiny_bert_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         str(save_tiny_llama(root / "model")), root / "onnx", task="text-generation-with-past"
     )
     engine = root / "engine"
-    build_engine(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
+    build_engine_dir(BuildConfig(onnx_path=onnx_path, output=engine, backend="onnxruntime"))
     thread = start_server([f"{MODEL}={engine}", f"encoder={tiny_bert_engine}"], devices=2)
     port = thread.server.http_port
     reference = Generator(engine)

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from trtpipe.build import BuildConfig, build_engine
+from trtpipe.build import BuildConfig, build_engine_dir
 from trtpipe.compare import Tolerances, compare_engine
 from trtpipe.engine import EngineDir
 
@@ -19,7 +19,7 @@ HELDOUT = Path(__file__).parent.parent / "data" / "heldout_sentences.txt"
 def engines(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, EngineDir]:
     root = tmp_path_factory.mktemp("minilm-engines")
     return {
-        p: build_engine(
+        p: build_engine_dir(
             BuildConfig(
                 onnx_path=minilm_onnx,
                 output=root / p,

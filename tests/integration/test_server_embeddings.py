@@ -21,10 +21,10 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm_engine(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trtpipe.build import BuildConfig, build_engine
+    from trtpipe.build import BuildConfig, build_engine_dir
 
     out = tmp_path_factory.mktemp("minilm-engine") / "minilm"
-    build_engine(
+    build_engine_dir(
         BuildConfig(
             onnx_path=minilm_onnx,
             output=out,

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.fakes.install import FakeGpu, installed_fakes
-from trtpipe.build import BuildConfig, build_engine
+from trtpipe.build import BuildConfig, build_engine_dir
 from trtpipe.cli.main import cli
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir
@@ -43,7 +43,7 @@ def test_build_and_run_match_onnxruntime(
     fake_gpu: FakeGpu, tiny_bert_onnx: Path, tiny_bert_engine: Path, tmp_path: Path
 ):
     cache = tmp_path / "timing.cache"
-    engine = build_engine(
+    engine = build_engine_dir(
         BuildConfig(
             onnx_path=tiny_bert_onnx,
             output=tmp_path / "trt",
@@ -175,7 +175,7 @@ def test_typed_graphs_build_and_run(
 
     feeds = bert_feeds(4, 20)
     with installed_fakes():
-        engine = build_engine(
+        engine = build_engine_dir(
             BuildConfig(
                 onnx_path=typed_dir / "model.onnx",
                 output=tmp_path / "engine",

@@ -137,7 +137,7 @@ def calibration_feeds(
     return feeds
 
 
-def build_engine(config: BuildConfig) -> EngineDir:
+def build_engine_dir(config: BuildConfig) -> EngineDir:
     """Apply precision, build for the backend, write the engine dir atomically."""
     from trtpipe.precision import apply_precision, op_precision_counts
 

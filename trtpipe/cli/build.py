@@ -85,7 +85,7 @@ def command(
     timing_cache: Path | None,
 ) -> None:
     """Build an engine directory from ONNX_PATH (an ``export`` output)."""
-    from trtpipe.build import BuildConfig, build_engine, resolve_backend
+    from trtpipe.build import BuildConfig, build_engine_dir, resolve_backend
     from trtpipe.build.profile import parse_shapes
     from trtpipe.devices import Device, parse_device, require_visible
     from trtpipe.text import read_texts
@@ -116,5 +116,5 @@ def command(
         int8_target=int8_target,
     )
     click.echo(f"building {precision} engine for {chosen} ...", err=True)
-    engine = build_engine(config)
+    engine = build_engine_dir(config)
     click.echo(f"wrote {engine.path} ({engine.manifest.backend}, {engine.manifest.precision})")
