@@ -170,14 +170,16 @@ def to_int8_dynamic(
     smoothed = smooth_activations(model, [calibration], alpha) if alpha > 0 else 0
     info: dict[str, Any] = {"selection": "given" if keep_fp32 is not None else selection}
     with tempfile.TemporaryDirectory() as work:
-        smooth_path = Path(work) / "smoothed.onnx"
-        onnx.save(model, str(smooth_path))
+        # Quantize from src itself unless smoothing rewrote the graph.
+        smooth_path = Path(work) / "smoothed.onnx" if smoothed else src
+        if smoothed:
+            onnx.save(model, str(smooth_path))
         if keep_fp32 is None and selection == "proxy":
             keep_fp32 = most_sensitive(model, [calibration], keep_fraction)
         if keep_fp32 is None:
             try:
                 keep_fp32, found = greedy_fp32_nodes(
-                    model, smooth_path, calibration, target, budget_fraction
+                    model, smooth_path, Path(work), calibration, target, budget_fraction
                 )
                 info.update(found)
             except BuildError:
@@ -204,6 +206,7 @@ def to_int8_dynamic(
 def greedy_fp32_nodes(
     model: Any,
     path: Path,
+    work: Path,
     calibration: dict[str, np.ndarray],
     target: float,
     budget_fraction: float,
@@ -215,7 +218,7 @@ def greedy_fp32_nodes(
 
     nodes = weighted_nodes(model)
     budget = int(budget_fraction * len(nodes))
-    everything = path.with_name("all_int8.onnx")
+    everything = work / "all_int8.onnx"
     quantize_dynamic_int8(path, everything, [])
     chosen = select_fp32_nodes(
         model, onnx.load(str(everything)), nodes, calibration, target=target, budget=budget
@@ -399,13 +402,14 @@ def op_precision_counts(path: Path) -> dict[str, Any]:
         model = onnx.shape_inference.infer_shapes(model)
     dtypes = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     dtypes.update({v.name: v.type.tensor_type.elem_type for v in model.graph.output})
-    names = {1: "float32", 10: "float16", 3: "int8", 2: "uint8", 7: "int64", 6: "int32", 9: "bool"}
+    from trtpipe.build.profile import ONNX_TO_NUMPY
+
     by_dtype: collections.Counter[str] = collections.Counter()
     by_op: collections.Counter[str] = collections.Counter()
     for node in model.graph.node:
         by_op[node.op_type] += 1
         elem = dtypes.get(node.output[0]) if node.output else None
-        by_dtype[names.get(elem or 0, "unknown")] += 1
+        by_dtype[ONNX_TO_NUMPY.get(elem or 0, "unknown")] += 1
     integer_ops = sum(
         n for op, n in by_op.items() if "Integer" in op or op.startswith(("Q", "DynamicQuantize"))
     )
