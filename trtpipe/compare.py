@@ -272,7 +272,7 @@ def compare_engine(
     from trtpipe.text import read_texts, sample_texts
 
     manifest = engine.manifest
-    if is_decoder(manifest):
+    if is_decoder(manifest.inputs):
         raise InputError(
             f"{engine.path} is a text-generation (KV-cache) engine; compare gates encoder "
             "outputs. Check a decoder with trtpipe generate --greedy or trtpipe bench --generate"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from trtpipe.errors import BackendUnavailableError, InputError
@@ -59,6 +60,14 @@ def parse_devices(text: str) -> list[Device]:
     if len(set(devices)) != len(devices):
         raise InputError(f"--devices {text!r} names a device twice")
     return devices
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity), which CPU workers share."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cuda_device_count() -> int:

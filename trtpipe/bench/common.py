@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,13 +29,6 @@ def parse_int_list(text: str, option: str) -> list[int]:
             f"bad {option} {text!r}: use comma-separated positive integers such as 1,8,32"
         )
     return sorted({int(p) for p in parts})
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_device(manifest: Manifest) -> Device:

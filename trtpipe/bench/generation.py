@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trtpipe.bench.common import cpu_cores, default_device
+from trtpipe.bench.common import default_device
 from trtpipe.bench.stats import ratio
-from trtpipe.devices import parse_device
+from trtpipe.devices import cpu_cores, parse_device
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.bench.common import cpu_cores
 from trtpipe.bench.stats import LatencyStats, ratio
+from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
 
 log = logging.getLogger(__name__)

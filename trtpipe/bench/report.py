@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from trtpipe.bench.common import cpu_cores
+from trtpipe.devices import cpu_cores
 from trtpipe.inspect import table
 
 NOISY = 1.25  # runs of one side further apart than this are flagged as a busy machine

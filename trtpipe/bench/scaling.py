@@ -8,9 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trtpipe.bench.common import cpu_cores
 from trtpipe.bench.stats import median, ratio
-from trtpipe.devices import Device, parse_device, parse_gpus
+from trtpipe.devices import Device, cpu_cores, parse_device, parse_gpus
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
 

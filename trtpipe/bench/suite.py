@@ -14,14 +14,13 @@ from typing import Any
 from trtpipe.bench.common import (
     baseline_runner,
     check_shapes,
-    cpu_cores,
     default_device,
     engine_runner,
     gate_status,
     sequence_range,
 )
 from trtpipe.bench.report import machine_info
-from trtpipe.devices import Device, parse_device
+from trtpipe.devices import Device, cpu_cores, parse_device
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
 
@@ -88,7 +87,7 @@ def _shapes(engine: EngineDir, config: BenchConfig) -> tuple[list[int], list[int
 def _check(engine: EngineDir, config: BenchConfig) -> None:
     from trtpipe.generation.kv_cache import is_decoder
 
-    if is_decoder(engine.manifest):
+    if is_decoder(engine.manifest.inputs):
         raise InputError(
             f"{engine.path} is a text-generation (KV-cache) engine: benchmark it with "
             "--generate (tokens/s and time to first token)"

@@ -126,7 +126,9 @@ def calibration_feeds(
     tokenizer = load_tokenizer(str(model_dir))
     max_len = min((r.max[1] for r in profile.values() if len(r.max) > 1), default=128)
     batch = min((r.max[0] for r in profile.values()), default=len(texts))
-    if any(spec.name.startswith("past_key_values") for spec in inputs):
+    from trtpipe.generation.kv_cache import is_decoder
+
+    if is_decoder(inputs):
         from trtpipe.generation.prompts import decoder_feeds
 
         # Decoders: prefill feeds (empty past), the shapes generation starts with.

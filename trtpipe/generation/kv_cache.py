@@ -13,13 +13,14 @@ import abc
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from trtpipe.devices import Device
-from trtpipe.engine import EngineDir, Manifest
+from trtpipe.engine import EngineDir, Manifest, TensorSpec
 from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-def is_decoder(manifest: Any) -> bool:
-    """A KV-cache decoder engine (served by generation endpoints, not plain v2 infer)."""
-    return any(PAST_RE.match(spec.name) for spec in manifest.inputs)
+def is_decoder(inputs: Iterable[TensorSpec]) -> bool:
+    """A KV-cache decoder (served by generation endpoints, not plain v2 infer)."""
+    return any(PAST_RE.match(spec.name) for spec in inputs)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.devices import Device
+from trtpipe.devices import Device, cpu_cores
 from trtpipe.engine import EngineDir, Manifest, ShapeRange, TensorSpec
 from trtpipe.errors import InputError, RunnerError, TrtpipeError
 from trtpipe.runners.base import Runner
@@ -66,13 +65,6 @@ def batch_rows(feeds: dict[str, np.ndarray], inputs: list[TensorSpec]) -> int:
         if spec.dims and spec.dims[0] == "batch" and spec.name in feeds:
             return int(np.shape(feeds[spec.name])[0])
     return 1
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class DevicePool:

@@ -459,7 +459,7 @@ class ModelRepository:
         models, generators = [], {}
         for name, path in parse_model_specs(specs):
             engine = EngineDir(path)
-            if is_decoder(engine.manifest):
+            if is_decoder(engine.manifest.inputs):
                 from trtpipe.generation.generator import Generator
 
                 generators[name] = Generator(engine, config.devices)
