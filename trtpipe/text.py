@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,19 @@ def encode(
         pad_to_multiple_of=pad_to_multiple_of,
         return_tensors="np",
     )
+    return feeds_from_encoding(encoded, inputs)
+
+
+def feeds_from_encoding(
+    encoded: Mapping[str, Any], inputs: list[TensorSpec]
+) -> dict[str, np.ndarray]:
+    """Tokenizer output -> exactly the engine's inputs and dtypes (zero type ids if absent)."""
     feeds: dict[str, np.ndarray] = {}
     for spec in inputs:
         if spec.name in encoded:
-            feeds[spec.name] = encoded[spec.name].astype(spec.dtype)
+            feeds[spec.name] = np.asarray(encoded[spec.name], dtype=spec.dtype)
         elif spec.name == "token_type_ids":
-            feeds[spec.name] = np.zeros_like(encoded["input_ids"], dtype=spec.dtype)
+            feeds[spec.name] = np.zeros(np.shape(encoded["input_ids"]), dtype=spec.dtype)
         else:
             raise InputError(f"the tokenizer does not produce input {spec.name!r}")
     return feeds

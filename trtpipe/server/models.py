@@ -33,6 +33,7 @@ from trtpipe.server.documents import (
     model_statistics,
 )
 from trtpipe.server.protocol import InferRequest, ProtocolError, v2_datatype
+from trtpipe.text import feeds_from_encoding
 
 log = logging.getLogger(__name__)
 
@@ -339,15 +340,8 @@ class ServedModel:
                     f"text {index} is {len(ids)} tokens, model {self.name!r} accepts at most "
                     f"{max_len} (send shorter text or allow truncation)"
                 )
-            feeds: dict[str, np.ndarray] = {}
-            for spec in self.inputs:
-                if spec.name in encoded:
-                    feeds[spec.name] = np.asarray([encoded[spec.name][index]], dtype=spec.dtype)
-                elif spec.name == "token_type_ids":
-                    feeds[spec.name] = np.zeros((1, len(ids)), dtype=spec.dtype)
-                else:
-                    raise ProtocolError(f"the tokenizer does not produce input {spec.name!r}")
-            rows.append(feeds)
+            row = {key: [values[index]] for key, values in encoded.items()}
+            rows.append(feeds_from_encoding(row, self.inputs))
         return rows
 
     async def run_rows(self, rows: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
