@@ -11,9 +11,22 @@ would fail:
 * work queued on a stream (copies, engine launches) runs only at ``cudaStreamSynchronize``, so
   reading results before synchronizing sees stale data, as on a GPU;
 * streams belong to the device current at creation; queuing on them from a thread whose
-  current device differs fails (CUDA's current device is per thread).
+  current device differs fails (CUDA's current device is per thread);
+* allocations belong to the device current when they were made: a copy or launch on another
+  device's stream that touches them fails (the project never copies across devices; real CUDA
+  would do a slow peer copy or fault);
+* device memory is limited per device (``State.total_memory``): a ``cudaMalloc`` past it fails
+  with ``cudaErrorMemoryAllocation``; pinned host memory is limited too (``host_memory``);
+* a fault inside queued work (illegal address, launch failure) is sticky, as in a real CUDA
+  context: every later call that needs that device's context returns the same error;
+* a driver older than the runtime (``State.driver_version < runtime_version``, cuda-python 13
+  on a CUDA 12 driver) makes every call fail with ``cudaErrorInsufficientDriver``; with no driver
+  at all the driver version reads 0.
 
-``STATE`` counts allocations, frees and synchronizations so tests can assert reuse and leaks.
+Device allocations are bookkeeping until first touched (their bytes are materialized lazily), so
+a test can load an engine sized like an 8B-parameter model without the RAM.
+``STATE`` counts allocations, frees, bytes and synchronizations so tests can assert budgets,
+reuse and leaks.
 """
 
 from __future__ import annotations
@@ -37,12 +50,18 @@ class cudaError_t(enum.IntEnum):
     cudaErrorInvalidHostPointer = 16
     cudaErrorInvalidDevicePointer = 17
     cudaErrorInvalidMemcpyDirection = 21
+    cudaErrorStubLibrary = 34
     cudaErrorInsufficientDriver = 35
+    cudaErrorDevicesUnavailable = 46
     cudaErrorNoDevice = 100
     cudaErrorInvalidDevice = 101
     cudaErrorInvalidResourceHandle = 400
     cudaErrorIllegalAddress = 700
     cudaErrorLaunchFailure = 719
+    cudaErrorSystemNotReady = 802
+    cudaErrorSystemDriverMismatch = 803
+    cudaErrorCompatNotSupportedOnDevice = 804
+    cudaErrorUnknown = 999
 
 
 class cudaMemcpyKind(enum.IntEnum):
@@ -67,13 +86,21 @@ MESSAGES = {
     16: "invalid host pointer",
     17: "invalid device pointer",
     21: "invalid copy direction for memcpy",
+    34: "CUDA driver is a stub library",
     35: "CUDA driver version is insufficient for CUDA runtime version",
+    46: "CUDA-capable device(s) is/are busy or unavailable",
     100: "no CUDA-capable device is detected",
     101: "invalid device ordinal",
     400: "invalid resource handle",
     700: "an illegal memory access was encountered",
     719: "unspecified launch failure",
+    802: "system not yet initialized",
+    803: "system has unsupported display driver / cuda driver combination",
+    804: "forward compatibility was attempted on non supported HW",
+    999: "unknown error",
 }
+# Errors after which a CUDA context is unusable until the process ends.
+STICKY = {cudaError_t.cudaErrorIllegalAddress, cudaError_t.cudaErrorLaunchFailure}
 
 
 class cudaStream_t:
@@ -99,11 +126,19 @@ class cudaDeviceProp:
     totalGlobalMem: int = 80 << 30
 
 
-@dataclass
 class Allocation:
-    data: np.ndarray
-    device: int
-    fresh: int = 0  # bytes written by host->device copies since the last launch read them
+    """Device memory: ``nbytes`` on ``device``, its bytes made only when first touched."""
+
+    def __init__(self, nbytes: int, device: int) -> None:
+        self.nbytes, self.device = nbytes, device
+        self.fresh = 0  # bytes written by host->device copies since the last launch read them
+        self._data: np.ndarray | None = None
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = np.zeros(self.nbytes, np.uint8)
+        return self._data
 
 
 @dataclass
@@ -116,13 +151,29 @@ class FakeStream:
 class State:
     """Everything the fake runtime tracks; reset by the install fixture."""
 
-    def __init__(self, device_count: int = 1, capability: tuple[int, int] = (9, 0)) -> None:
+    def __init__(
+        self,
+        device_count: int = 1,
+        capability: tuple[int, int] = (9, 0),
+        total_memory: int = 80 << 30,
+        host_memory: int = 64 << 30,
+    ) -> None:
         self.lock = threading.RLock()
         self.device_count = device_count
         self.capability = capability
         self.device_name = b"Fake GPU (test double)"
+        self.total_memory = total_memory  # per device, like cudaDeviceProp.totalGlobalMem
+        self.host_memory = host_memory  # what the OS lets the process lock (pinned)
+        self.driver_version = 13000  # cudaDriverGetVersion: 0 means no driver
+        self.runtime_version = 13000  # cudaRuntimeGetVersion
         self.device_allocs: dict[int, Allocation] = {}
         self.host_allocs: dict[int, np.ndarray] = {}
+        self.host_alloc_device: dict[int, int] = {}
+        self.device_bytes: dict[int, int] = {}
+        self.pinned_bytes: dict[int, int] = {}
+        self.peak_device_bytes: dict[int, int] = {}
+        self.peak_pinned_bytes: dict[int, int] = {}
+        self.faults: dict[int, cudaError_t] = {}
         self.streams: dict[int, FakeStream] = {}
         self.next_device_ptr = DEVICE_BASE
         self.next_stream = 0x5000
@@ -138,9 +189,21 @@ class State:
     def find_device(self, ptr: int, nbytes: int) -> tuple[Allocation, int] | None:
         """The allocation holding ``[ptr, ptr + nbytes)`` and the offset into it."""
         for base, alloc in self.device_allocs.items():
-            if base <= ptr and ptr + nbytes <= base + alloc.data.nbytes:
+            if base <= ptr and ptr + nbytes <= base + alloc.nbytes:
                 return alloc, ptr - base
         return None
+
+    def blocked(self) -> cudaError_t | None:
+        """Why no call needing the current device's context can run: driver or sticky fault."""
+        if self.driver_version < self.runtime_version:
+            self.last_error_detail = (
+                f"driver supports CUDA {self.driver_version}, runtime is {self.runtime_version}"
+            )
+            return cudaError_t.cudaErrorInsufficientDriver
+        fault = self.faults.get(self.current_device())
+        if fault is not None:
+            self.last_error_detail = f"device {self.current_device()} faulted earlier (sticky)"
+        return fault
 
     def find_host(self, ptr: int, nbytes: int) -> tuple[np.ndarray, int] | None:
         for base, array in self.host_allocs.items():
@@ -152,6 +215,9 @@ class State:
         return self.streams.get(int(handle))
 
     def enqueue(self, handle: int, work: Callable[[], None]) -> cudaError_t:
+        blocked = self.blocked()
+        if blocked is not None:
+            return blocked
         stream = self.streams.get(int(handle))
         if stream is None:
             return cudaError_t.cudaErrorInvalidResourceHandle
@@ -163,6 +229,11 @@ class State:
             return cudaError_t.cudaErrorInvalidResourceHandle
         stream.pending.append(work)
         return cudaError_t.cudaSuccess
+
+    def fault(self, device: int, code: cudaError_t) -> None:
+        """Make ``code`` stick to ``device``'s context (illegal address, launch failure)."""
+        if code in STICKY:
+            self.faults.setdefault(device, code)
 
     def leaks(self) -> dict[str, int]:
         return {
@@ -203,13 +274,40 @@ def cudaGetErrorString(error: Any) -> tuple[Any, bytes]:
     return _ok(text.encode())  # type: ignore[return-value]
 
 
+def cudaDriverGetVersion() -> tuple[Any, ...]:
+    return _ok(STATE.driver_version)
+
+
+def cudaRuntimeGetVersion() -> tuple[Any, ...]:
+    return _ok(STATE.runtime_version)
+
+
+def _driver_too_old(nvalues: int = 0) -> tuple[Any, ...] | None:
+    if STATE.driver_version < STATE.runtime_version:
+        return _fail(
+            cudaError_t.cudaErrorInsufficientDriver,
+            f"driver supports CUDA {STATE.driver_version}, runtime is {STATE.runtime_version}",
+            nvalues,
+        )
+    return None
+
+
+def _blocked(nvalues: int = 0) -> tuple[Any, ...] | None:
+    code = STATE.blocked()
+    return None if code is None else (code, *([None] * nvalues))
+
+
 def cudaGetDeviceCount() -> tuple[Any, ...]:
+    if (refused := _driver_too_old(1)) is not None:
+        return refused
     if STATE.device_count == 0:
         return _fail(cudaError_t.cudaErrorNoDevice, "no devices", 1)
     return _ok(STATE.device_count)
 
 
 def cudaSetDevice(device: int) -> tuple[Any, ...]:
+    if (refused := _driver_too_old()) is not None:
+        return refused
     if not 0 <= int(device) < STATE.device_count:
         return _fail(cudaError_t.cudaErrorInvalidDevice, f"device {device} does not exist")
     STATE.local.device = int(device)
@@ -221,38 +319,73 @@ def cudaGetDevice() -> tuple[Any, ...]:
 
 
 def cudaGetDeviceProperties(device: int) -> tuple[Any, ...]:
+    if (refused := _driver_too_old(1)) is not None:
+        return refused
     if not 0 <= int(device) < STATE.device_count:
         return _fail(cudaError_t.cudaErrorInvalidDevice, f"device {device} does not exist", 1)
     major, minor = STATE.capability
-    return _ok(cudaDeviceProp(STATE.device_name, major, minor))
+    return _ok(cudaDeviceProp(STATE.device_name, major, minor, STATE.total_memory))
+
+
+def _count(usage: dict[int, int], peak: dict[int, int], device: int, nbytes: int) -> None:
+    usage[device] = usage.get(device, 0) + nbytes
+    peak[device] = max(peak.get(device, 0), usage[device])
 
 
 def cudaMalloc(size: int) -> tuple[Any, ...]:
+    if (refused := _blocked(1)) is not None:
+        return refused
     if int(size) <= 0:
         return _fail(cudaError_t.cudaErrorInvalidValue, "cudaMalloc of 0 bytes", 1)
+    device, size = STATE.current_device(), int(size)
     with STATE.lock:
+        used = STATE.device_bytes.get(device, 0)
+        if used + size > STATE.total_memory:
+            return _fail(
+                cudaError_t.cudaErrorMemoryAllocation,
+                f"cudaMalloc({size}) on device {device}: {used} of {STATE.total_memory} bytes "
+                "in use",
+                1,
+            )
         ptr = STATE.next_device_ptr
-        STATE.next_device_ptr += (int(size) + 511) // 256 * 256  # 256-aligned, with a gap
-        STATE.device_allocs[ptr] = Allocation(np.zeros(int(size), np.uint8), STATE.current_device())
+        STATE.next_device_ptr += (size + 511) // 256 * 256  # 256-aligned, with a gap
+        STATE.device_allocs[ptr] = Allocation(size, device)
+        _count(STATE.device_bytes, STATE.peak_device_bytes, device, size)
         STATE.mallocs += 1
     return _ok(ptr)
 
 
 def cudaFree(ptr: Any) -> tuple[Any, ...]:
+    if (refused := _blocked()) is not None:
+        return refused
     with STATE.lock:
-        if STATE.device_allocs.pop(int(ptr), None) is None:
+        alloc = STATE.device_allocs.pop(int(ptr), None)
+        if alloc is None:
             return _fail(cudaError_t.cudaErrorInvalidDevicePointer, f"cudaFree({int(ptr):#x})")
+        STATE.device_bytes[alloc.device] -= alloc.nbytes
         STATE.frees += 1
     return _ok()
 
 
 def cudaHostAlloc(size: int, flags: int) -> tuple[Any, ...]:
+    if (refused := _blocked(1)) is not None:
+        return refused
     if int(size) <= 0 or int(flags) & ~7:
         return _fail(cudaError_t.cudaErrorInvalidValue, "bad cudaHostAlloc size/flags", 1)
+    device, size = STATE.current_device(), int(size)
     with STATE.lock:
-        array = np.zeros(int(size), np.uint8)
+        locked = sum(STATE.pinned_bytes.values())
+        if locked + size > STATE.host_memory:
+            return _fail(
+                cudaError_t.cudaErrorMemoryAllocation,
+                f"cudaHostAlloc({size}): {locked} of {STATE.host_memory} bytes already pinned",
+                1,
+            )
+        array = np.zeros(size, np.uint8)
         ptr = int(array.ctypes.data)
         STATE.host_allocs[ptr] = array
+        STATE.host_alloc_device[ptr] = device
+        _count(STATE.pinned_bytes, STATE.peak_pinned_bytes, device, size)
         STATE.host_allocs_made += 1
     return _ok(ptr)
 
@@ -262,14 +395,20 @@ def cudaMallocHost(size: int) -> tuple[Any, ...]:
 
 
 def cudaFreeHost(ptr: Any) -> tuple[Any, ...]:
+    if (refused := _blocked()) is not None:
+        return refused
     with STATE.lock:
-        if STATE.host_allocs.pop(int(ptr), None) is None:
+        array = STATE.host_allocs.pop(int(ptr), None)
+        if array is None:
             return _fail(cudaError_t.cudaErrorInvalidValue, f"cudaFreeHost({int(ptr):#x})")
+        STATE.pinned_bytes[STATE.host_alloc_device.pop(int(ptr))] -= array.nbytes
         STATE.host_frees += 1
     return _ok()
 
 
 def cudaStreamCreateWithFlags(flags: int) -> tuple[Any, ...]:
+    if (refused := _blocked(1)) is not None:
+        return refused
     if int(flags) not in (cudaStreamDefault, cudaStreamNonBlocking):
         return _fail(cudaError_t.cudaErrorInvalidValue, f"bad stream flags {flags}", 1)
     with STATE.lock:
@@ -279,6 +418,8 @@ def cudaStreamCreateWithFlags(flags: int) -> tuple[Any, ...]:
 
 
 def cudaStreamDestroy(stream: Any) -> tuple[Any, ...]:
+    if (refused := _blocked()) is not None:
+        return refused
     with STATE.lock:
         fake = STATE.streams.pop(int(stream), None)
     if fake is None:
@@ -288,6 +429,8 @@ def cudaStreamDestroy(stream: Any) -> tuple[Any, ...]:
 
 def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> tuple[Any, ...]:
     dst, src, count = int(dst), int(src), int(count)
+    if (refused := _blocked()) is not None:
+        return refused
     if int(stream) == 0:
         return _fail(
             cudaError_t.cudaErrorInvalidResourceHandle,
@@ -312,6 +455,13 @@ def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> t
             cudaError_t.cudaErrorInvalidDevicePointer, f"no device allocation for {count} bytes"
         )
     (harray, hoff), (alloc, doff) = host, device
+    fake_stream = STATE.live_stream(int(stream))
+    if fake_stream is not None and alloc.device != fake_stream.device:
+        return _fail(
+            cudaError_t.cudaErrorInvalidValue,
+            f"device memory of device {alloc.device} copied on a stream of device "
+            f"{fake_stream.device}",
+        )
 
     def copy() -> None:
         if int(kind) == cudaMemcpyKind.cudaMemcpyHostToDevice:
@@ -324,6 +474,8 @@ def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> t
 
 
 def cudaStreamSynchronize(stream: Any) -> tuple[Any, ...]:
+    if (refused := _blocked()) is not None:
+        return refused
     fake = STATE.live_stream(int(stream))
     if fake is None:
         return _fail(cudaError_t.cudaErrorInvalidResourceHandle, f"stream {int(stream):#x}")
@@ -334,5 +486,6 @@ def cudaStreamSynchronize(stream: Any) -> tuple[Any, ...]:
         try:
             item()
         except DeviceFault as fault:
+            STATE.fault(fake.device, fault.code)
             return _fail(fault.code, str(fault))
     return _ok()

@@ -40,12 +40,15 @@ __version__ = "10.13.3.9"
 PLAN_MAGIC = b"FAKETRTPLAN\0"
 CACHE_MAGIC = b"FAKETRTCACHE\0"
 STATS: dict[str, int] = {}
+# What each build_serialized_network call received: network (typed graph, I/O) and config.
+BUILDS: list[dict[str, Any]] = []
 
 
 def reset(version: str = "10.13.3.9") -> None:
     global __version__
     __version__ = version
     STATS.clear()
+    BUILDS.clear()
     STATS.update(builds=0, launches=0, timing_cache_hits=0, timing_cache_misses=0)
 
 
@@ -114,11 +117,15 @@ class IOptimizationProfile:
         self._valid = True
 
     def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:
+        """Raises RuntimeError for an invalid range, as the real binding does."""
         shapes = [tuple(int(d) for d in s) for s in (min, opt, max)]
         ranks = {len(s) for s in shapes}
         ordered = all(a <= b <= c for a, b, c in zip(*shapes, strict=False))
         if len(ranks) != 1 or not ordered or any(d < 0 for s in shapes for d in s):
             self._valid = False
+            raise RuntimeError(
+                f"Error in set_shape: {input}: min {shapes[0]}, opt {shapes[1]}, max {shapes[2]}"
+            )
         self._shapes[input] = shapes
 
     def get_shape(self, input: str) -> list[tuple[int, ...]]:
@@ -227,6 +234,19 @@ class Builder:
         self, network: INetworkDefinition, config: IBuilderConfig
     ) -> IHostMemory | None:
         STATS["builds"] += 1
+        BUILDS.append(
+            {
+                "onnx_bytes": network.onnx_bytes,
+                "inputs": {t.name: DataType(t.dtype).name for t in network.inputs},
+                "outputs": {t.name: DataType(t.dtype).name for t in network.outputs},
+                "workspace": config._pools.get(MemoryPoolType.WORKSPACE),
+                "optimization_level": config._level,
+                "flags": config._flags,
+                "profile": {
+                    k: [list(s) for s in v] for p in config._profiles for k, v in p._shapes.items()
+                },
+            }
+        )
         if not network.get_flag(NetworkDefinitionCreationFlag.STRONGLY_TYPED) or not network.inputs:
             self._logger.log(ILogger.ERROR, "network is empty or not strongly typed")
             return None

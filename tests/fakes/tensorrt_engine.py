@@ -15,6 +15,8 @@ from tests.fakes import cuda_runtime
 from tests.fakes import tensorrt as trt
 from tests.fakes.cuda_runtime import DeviceFault, cudaError_t
 
+ALIGNMENT = 256  # TensorRT 10+ requires 256-byte aligned tensor addresses
+
 
 class ICudaEngine:
     __slots__ = ("_header", "_io", "_logger", "_onnx", "_session")
@@ -90,10 +92,13 @@ class IExecutionContext:
         return [t for t in self._engine._header["io"] if t["mode"] == trt.TensorIOMode.INPUT]
 
     def set_optimization_profile_async(self, profile_index: int, stream: int) -> bool:
+        """Raises RuntimeError on failure, as the real binding does (it never returns False)."""
         if profile_index != 0:
-            return self._error(f"profile {profile_index} does not exist")
+            self._error(f"profile {profile_index} does not exist")
+            raise RuntimeError("Error in set optimization profile.")
         if cuda_runtime.STATE.live_stream(int(stream)) is None:
-            return self._error("set_optimization_profile_async needs a live, non-default stream")
+            self._error("set_optimization_profile_async needs a live, non-default stream")
+            raise RuntimeError("Error in set optimization profile.")
         self._profile_set, self._shapes = True, {}
         return True
 
@@ -131,9 +136,11 @@ class IExecutionContext:
     def set_tensor_address(self, name: str, memory: int) -> bool:
         if name not in self._engine._io:
             return self._error(f"set_tensor_address: no tensor {name!r}")
-        dtype = np.dtype(trt.nptype(trt.DataType(self._engine._io[name]["dtype"])))
-        if int(memory) == 0 or int(memory) % dtype.itemsize:
-            return self._error(f"set_tensor_address({name!r}): null or misaligned address")
+        if int(memory) == 0 or int(memory) % ALIGNMENT:
+            return self._error(
+                f"set_tensor_address({name!r}): address {int(memory):#x} is null or not "
+                f"{ALIGNMENT}-byte aligned"
+            )
         self._addresses[name] = int(memory)
         return True
 
@@ -164,8 +171,16 @@ class IExecutionContext:
                 return self._error(f"tensor {name!r}: address is not {need} bytes of device memory")
             plan.append((tensor, shape, dtype, need, *found))
         engine = self._engine
+        device = state.current_device()
 
         def launch() -> None:
+            for tensor, _, _, _, alloc, _ in plan:
+                if alloc.device != device:
+                    raise DeviceFault(
+                        cudaError_t.cudaErrorIllegalAddress,
+                        f"tensor {tensor['name']!r} lives on device {alloc.device}, the engine "
+                        f"runs on device {device}",
+                    )
             feeds = {}
             for tensor, shape, dtype, need, alloc, offset in plan:
                 if tensor["mode"] != trt.TensorIOMode.INPUT:

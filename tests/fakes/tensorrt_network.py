@@ -155,7 +155,7 @@ class OnnxParser:
                         node.op_type,
                     )
                 )
-        if self._errors:
+        if self._errors or not self._load_external_data(proto, path):
             return False
         initializers = {init.name for init in proto.graph.initializer}
 
@@ -171,4 +171,36 @@ class OnnxParser:
         net.inputs = [tensor(v) for v in proto.graph.input if v.name not in initializers]
         net.outputs = [tensor(v) for v in proto.graph.output]
         net.onnx_bytes = proto.SerializeToString()
+        return True
+
+    def _load_external_data(self, proto: Any, path: str | None) -> bool:
+        """Read external weights from beside the model file, where the real parser looks.
+
+        Without a path (``parse(bytes)``) the real parser has no directory to look in either.
+        """
+        import os
+
+        from onnx import TensorProto
+        from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor
+
+        base = os.path.dirname(os.path.abspath(path)) if path else None
+        for tensor in _get_all_tensors(proto):
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location = info.get("location", "")
+            target = os.path.join(base, location) if base else location
+            need = int(info.get("offset", 0)) + int(info.get("length", 0))
+            if base is None or not os.path.isfile(target) or os.path.getsize(target) < need:
+                self._errors.append(
+                    ParserError(
+                        ErrorCode.INVALID_VALUE,
+                        f"Failed to open file: {target} (external weights of initializer "
+                        f"{tensor.name}; they must lie beside the model file)",
+                    )
+                )
+                return False
+            load_external_data_for_tensor(tensor, base)
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
         return True

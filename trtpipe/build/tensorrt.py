@@ -7,9 +7,11 @@ One optimization profile covers every input; the timing cache persists between b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,56 @@ def write_atomically(path: Path, data: Any) -> None:
         raise
 
 
+def external_data_files(model_path: Path) -> list[str]:
+    """Relative paths of the external-data files ``model_path`` refers to (weights > 2 GB)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    files = []
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location and location not in files:
+                files.append(location)
+    return files
+
+
+@contextlib.contextmanager
+def weights_beside(model_path: Path, source_dir: Path | None) -> Iterator[Path]:
+    """A path to ``model_path`` with its external-data files beside it, as the parser needs.
+
+    The TensorRT ONNX parser reads external weights relative to the model file's directory.
+    If they are already there, that is the file itself; if the model file was copied without
+    them (an fp32 build copies only the graph), a scratch dir with links to the graph and to the
+    weights in ``source_dir`` (the export dir), so gigabytes are never copied.
+    """
+    files = external_data_files(model_path)
+    missing = [f for f in files if not (model_path.parent / f).is_file()]
+    if not missing:
+        yield model_path
+        return
+    found = [f for f in missing if source_dir is not None and (source_dir / f).is_file()]
+    if len(found) != len(missing) or source_dir is None:
+        lost = sorted(set(missing) - set(found))
+        raise BuildError(
+            f"{model_path.name} keeps its weights in external data {lost}, which is neither "
+            f"beside it nor in {source_dir or 'the export dir'}; keep the .onnx_data files next "
+            "to model.onnx"
+        )
+    with tempfile.TemporaryDirectory(prefix=".weights.", dir=model_path.parent) as scratch:
+        scratch_dir = Path(scratch)
+        linked = scratch_dir / model_path.name
+        linked.symlink_to(model_path.resolve())
+        for name in files:
+            origin = model_path.parent / name if name not in missing else source_dir / name
+            target = scratch_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(origin.resolve())
+        log.debug("parsing %s with external data from %s", model_path.name, source_dir)
+        yield linked
+
+
 def build_tensorrt(
     typed_onnx: Path, out_dir: Path, profile: dict[str, ShapeRange], config: Any
 ) -> tuple[str, dict[str, Any]]:
@@ -101,9 +153,11 @@ def build_tensorrt(
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(typed_onnx)):
-        details = "; ".join(parser_errors(parser)) or "no parser details"
-        raise BuildError(f"TensorRT could not parse {typed_onnx.name}: {details}")
+    source = getattr(config, "onnx_path", None)
+    with weights_beside(typed_onnx, Path(source).parent if source else None) as model_file:
+        if not parser.parse_from_file(str(model_file)):
+            details = "; ".join(parser_errors(parser)) or "no parser details"
+            raise BuildError(f"TensorRT could not parse {typed_onnx.name}: {details}")
 
     build_config = builder.create_builder_config()
     build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
@@ -118,7 +172,14 @@ def build_tensorrt(
             if any(d < 0 for d in static):
                 raise BuildError(f"input {tensor.name!r} is dynamic but has no profile range")
             shape_range = ShapeRange(static, static, static)
-        opt_profile.set_shape(tensor.name, shape_range.min, shape_range.opt, shape_range.max)
+        try:  # the binding raises RuntimeError for a range it rejects
+            opt_profile.set_shape(tensor.name, shape_range.min, shape_range.opt, shape_range.max)
+        except RuntimeError as exc:
+            raise BuildError(
+                f"TensorRT rejected the shape range of input {tensor.name!r} (min "
+                f"{shape_range.min}, opt {shape_range.opt}, max {shape_range.max}): {exc}; "
+                "fix --min-shapes/--opt-shapes/--max-shapes"
+            ) from exc
     if build_config.add_optimization_profile(opt_profile) < 0:
         raise BuildError(f"TensorRT rejected the optimization profile {profile}")
 
@@ -132,9 +193,11 @@ def build_tensorrt(
         build_config.set_timing_cache(cache, ignore_mismatch=False)
 
     log.info("building TensorRT engine on %s (sm %s), this can take minutes", gpu_name, capability)
+    # Only errors logged by the build itself explain its failure (not a stale timing cache's).
+    first_build_error = len(logger.errors)
     plan = builder.build_serialized_network(network, build_config)
     if plan is None:
-        details = "; ".join(logger.errors[-5:]) or "see the TensorRT log"
+        details = "; ".join(logger.errors[first_build_error:][-5:]) or "see the TensorRT log"
         raise BuildError(
             f"TensorRT failed to build the engine: {details}. A larger --workspace-mb or a "
             "smaller --max-shapes may help"

@@ -1,15 +1,19 @@
 """TensorRT runner: one engine on one GPU, one execution context, one stream.
 
-Device buffers and pinned host buffers are sized once for the profile maximum and reused.
-A batch is: copy feeds into pinned memory, async host->device, set input shapes and tensor
-addresses, ``execute_async_v3``, async device->host, one synchronize. All CUDA work of a call
-happens on the calling thread (``set_device`` first), so a worker thread per GPU can own it.
+Buffers are allocated once at load and reused; :meth:`TensorRTRunner.buffer_plan` says how big
+each is. The plain runner stages every input and output through pinned host memory, sized for
+the profile maximum; subclasses (the decoder session's step runner) pin only what they stage,
+since ``cudaHostAlloc`` locks physical RAM. A batch is: copy feeds into pinned memory, async
+host->device, set input shapes and tensor addresses, ``execute_async_v3``, async device->host,
+one synchronize. All CUDA work of a call happens on the calling thread (``set_device`` first),
+so a worker thread per GPU can own it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,14 @@ from trtpipe.errors import EngineMismatchError, InputError, RunnerError
 from trtpipe.runners.base import ManifestRunner
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """One I/O tensor's buffers: device memory always, pinned host memory only if staged."""
+
+    device_shape: tuple[int, ...]
+    host_shape: tuple[int, ...] | None  # None: the tensor never passes through host memory
 
 
 def major_minor(version: str) -> str:
@@ -101,8 +113,14 @@ class TensorRTRunner(ManifestRunner):
         if self._context is None:
             raise RunnerError(f"could not create an execution context on {self.device}")
         self._stream = cuda.Stream()
-        if not self._context.set_optimization_profile_async(0, self._stream.handle):
-            raise RunnerError("could not select optimization profile 0")
+        try:
+            # The binding raises RuntimeError on failure (it never returns False).
+            self._context.set_optimization_profile_async(0, self._stream.handle)
+        except RuntimeError as exc:
+            details = "; ".join(logger.errors[-3:]) or str(exc)
+            raise RunnerError(
+                f"TensorRT could not select optimization profile 0 on {self.device}: {details}"
+            ) from exc
         self._read_io(trt)
         self._allocate(cuda)
 
@@ -126,27 +144,58 @@ class TensorRTRunner(ManifestRunner):
                 f"engine inputs {self._input_names} differ from the manifest; rebuild the engine"
             )
 
-    def _allocate(self, cuda: Any) -> None:
-        """Buffers for the profile maximum: set max input shapes, read max output shapes."""
-        engine, context = self._engine, self._context
+    def _dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name)))
+
+    def profile_max(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._engine.get_tensor_profile_shape(name, 0)[2])
+
+    def buffer_plan(self) -> dict[str, BufferPlan]:
+        """Every input and output staged through pinned memory, at the profile maximum.
+
+        Output maxima come from the context with every input at its maximum.
+        """
+        plan: dict[str, BufferPlan] = {}
         for name in self._input_names:
-            max_shape = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
-            if not context.set_input_shape(name, max_shape):
+            max_shape = self.profile_max(name)
+            if not self._context.set_input_shape(name, max_shape):
                 raise RunnerError(f"engine rejects its own profile maximum {max_shape} for {name}")
-            self._add_buffers(cuda, name, max_shape)
+            plan[name] = BufferPlan(max_shape, max_shape)
         for name in self._output_names:
-            max_shape = tuple(int(d) for d in context.get_tensor_shape(name))
+            max_shape = tuple(int(d) for d in self._context.get_tensor_shape(name))
             if any(d < 0 for d in max_shape):
                 raise RunnerError(
                     f"output {name!r} has a data-dependent shape {list(max_shape)}; not supported"
                 )
-            self._add_buffers(cuda, name, max_shape)
+            plan[name] = BufferPlan(max_shape, max_shape)
+        return plan
 
-    def _add_buffers(self, cuda: Any, name: str, max_shape: tuple[int, ...]) -> None:
-        dtype = np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name)))
-        host = cuda.PinnedHostBuffer(dtype, max_shape)
-        self._host_buffers[name] = host
-        self._device_buffers[name] = cuda.DeviceBuffer(host.nbytes)
+    def _allocate(self, cuda: Any) -> None:
+        """Device buffers (256-byte aligned by cudaMalloc) and pinned buffers per the plan."""
+        for name, plan in self.buffer_plan().items():
+            dtype = self._dtype(name)
+            nbytes = int(np.prod(plan.device_shape, dtype=np.int64)) * dtype.itemsize
+            self._device_buffers[name] = cuda.DeviceBuffer(nbytes)
+            if plan.host_shape is not None:
+                self._host_buffers[name] = cuda.PinnedHostBuffer(dtype, plan.host_shape)
+        memory = self.memory_bytes()
+        log.info(
+            "%s: %.1f MiB device buffers, %.1f MiB pinned host, %.1f MiB TensorRT activations",
+            self.describe(),
+            memory["device_buffers"] / 2**20,
+            memory["pinned_host"] / 2**20,
+            memory["activations"] / 2**20,
+        )
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What this runner holds: its device buffers, its pinned host buffers, and the
+        execution context's activation memory (TensorRT allocates that itself)."""
+        activations = int(getattr(self._engine, "device_memory_size_v2", 0) or 0)
+        return {
+            "device_buffers": sum(b.nbytes for b in self._device_buffers.values()),
+            "pinned_host": sum(b.nbytes for b in self._host_buffers.values()),
+            "activations": activations,
+        }
 
     # -- infer -----------------------------------------------------------------------------
     def _upload_input(self, cuda: Any, name: str, array: np.ndarray) -> Any:
@@ -161,6 +210,13 @@ class TensorRTRunner(ManifestRunner):
             )
         return device
 
+    def _set_address(self, name: str, pointer: int) -> None:
+        """TensorRT needs 256-byte aligned addresses (cudaMalloc bases always are)."""
+        if pointer % 256:
+            raise RunnerError(f"tensor {name!r} address {pointer:#x} is not 256-byte aligned")
+        if not self._context.set_tensor_address(name, pointer):
+            raise RunnerError(f"TensorRT rejected the address of tensor {name!r}")
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from trtpipe import cuda
 
@@ -172,8 +228,7 @@ class TensorRTRunner(ManifestRunner):
             for name in self._input_names:
                 self._upload_input(cuda, name, feeds[name])
             for name, device in self._device_buffers.items():
-                if not context.set_tensor_address(name, device.ptr):
-                    raise RunnerError(f"TensorRT rejected the address of tensor {name!r}")
+                self._set_address(name, device.ptr)
             if not context.execute_async_v3(stream.handle):
                 raise RunnerError(f"execute_async_v3 failed on {self.device}")
             views: dict[str, np.ndarray] = {}
