@@ -89,7 +89,10 @@ def external_data_files(model_path: Path) -> list[str]:
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # not a readable ONNX file: the parser reports that, with its details
+        return []
     files = []
     for tensor in _get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
