@@ -126,6 +126,17 @@ class DecoderSession(abc.ABC):
     ) -> np.ndarray:
         """Run new tokens [B, S] (mask covers past + new); return float32 logits [B, V]."""
 
+    def read_cache(self) -> list[np.ndarray]:
+        """Host copies of the cache, ``[batch, heads, past, head_dim]`` in ``spec.cache`` order.
+
+        With ``write_cache`` this lets the continuous-batching scheduler regroup rows.
+        """
+        raise RunnerError(f"{self.describe()} cannot hand its KV cache to the host")
+
+    def write_cache(self, arrays: list[np.ndarray]) -> None:
+        """Replace the cache (batch and past length from the arrays' shapes)."""
+        raise RunnerError(f"{self.describe()} cannot take a KV cache from the host")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free device memory; safe to call twice."""
 
@@ -184,6 +195,21 @@ class OrtDecoderSession(DecoderSession):
         self.past = {c.past: outputs[i + 1] for i, c in enumerate(self.spec.cache)}
         logits = outputs[0].numpy()
         return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+    def read_cache(self) -> list[np.ndarray]:
+        return [np.asarray(self.past[c.past].numpy()) for c in self.spec.cache]
+
+    def write_cache(self, arrays: list[np.ndarray]) -> None:
+        import onnxruntime as ort
+
+        self.past = {
+            c.past: ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(array, dtype=np.dtype(c.dtype)),
+                self.device_type,
+                self.device.index,
+            )
+            for c, array in zip(self.spec.cache, arrays, strict=True)
+        }
 
     def close(self) -> None:
         self.past = {}
