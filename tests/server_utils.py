@@ -17,7 +17,8 @@ from trtpipe.runners.base import Runner
 from trtpipe.runners.onnxruntime import OnnxRuntimeRunner
 from trtpipe.runtime.pool import DevicePool, cpu_cores
 from trtpipe.server.app import InferenceServer, ServerConfig, ServerThread
-from trtpipe.server.models import ModelRepository, ServeConfig
+from trtpipe.server.config import ServeConfig
+from trtpipe.server.repository import ModelRepository
 
 
 def start_server(

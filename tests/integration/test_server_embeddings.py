@@ -124,7 +124,7 @@ def test_embedding_errors_use_the_openai_shape(server: ServerThread) -> None:
 
     with pytest.raises(openai.NotFoundError) as missing:
         client(server).embeddings.create(model="nope", input="x")
-    assert "unknown model 'nope'" in str(missing.value)
+    assert "Request for unknown model: 'nope' is not found" in str(missing.value)
     with pytest.raises(openai.BadRequestError) as bad:
         client(server).embeddings.create(model="minilm", input=[])
     assert "'input'" in str(bad.value)

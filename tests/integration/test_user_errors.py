@@ -269,7 +269,8 @@ def test_runner_treats_invalid_data_as_the_callers_error(tiny_bert_engine: Path)
 
 def test_port_in_use_is_reported_before_loading(tiny_bert_engine: Path):
     from trtpipe.server.app import InferenceServer, ServerConfig
-    from trtpipe.server.models import ModelRepository, ServeConfig
+    from trtpipe.server.config import ServeConfig
+    from trtpipe.server.repository import ModelRepository
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -287,14 +288,15 @@ def test_port_in_use_is_reported_before_loading(tiny_bert_engine: Path):
 
 
 def test_generation_models_are_named_where_tensor_models_are_asked_for():
-    from trtpipe.server.models import ModelNotFoundError, ModelRepository
+    from trtpipe.server.errors import ModelNotFoundError
+    from trtpipe.server.repository import ModelRepository
 
     repository = ModelRepository([], {"llm": object()})
     assert repository.names == ["llm"]
     with pytest.raises(ModelNotFoundError, match=r"'llm' is a text-generation engine: use POST "):
         repository.get("llm")
     with pytest.raises(
-        ModelNotFoundError, match=r"unknown model 'x'; this server serves \['llm'\]"
+        ModelNotFoundError, match=r"unknown model: 'x' is not found; this server serves \['llm'\]"
     ):
         repository.get("x")
 

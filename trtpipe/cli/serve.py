@@ -108,7 +108,8 @@ def command(
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
     from trtpipe.server.app import InferenceServer, ServerConfig
-    from trtpipe.server.models import ModelRepository, ServeConfig
+    from trtpipe.server.config import ServeConfig
+    from trtpipe.server.repository import ModelRepository
 
     for spec in named:
         if "=" not in spec:

@@ -177,15 +177,21 @@ class DynamicBatcher:
         return self._inflight
 
     # -- submit ------------------------------------------------------------------------------
-    async def submit(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queue one request (batch dim n >= 1) and return exactly its own output rows."""
+    async def submit(
+        self, feeds: dict[str, np.ndarray], validated: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Queue one request (batch dim n >= 1) and return exactly its own output rows.
+
+        ``validated`` says the caller already checked the feeds against the engine's specs and
+        profile (names, dtypes, ranks, limits), so they are not checked a second time here.
+        """
         if not self._running or self._stopping:
             raise BatcherStoppedError(
                 "the model is not accepting requests (shutting down or not started)"
             )
         loop = asyncio.get_running_loop()
         try:
-            request = self._prepare(feeds, loop)
+            request = self._prepare(feeds, loop, validated)
         except InputError:
             self.stats.request_failure += 1
             raise
@@ -209,12 +215,14 @@ class DynamicBatcher:
                 self._notify()
             raise
 
-    def _prepare(self, feeds: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop) -> _Request:
+    def _prepare(
+        self, feeds: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop, validated: bool
+    ) -> _Request:
         layout = self._layout
         assert layout is not None
         if not isinstance(feeds, dict):
             raise InputError("a request is a mapping of input names to arrays")
-        checked = validate_feeds(feeds, layout.inputs, self.pool.profile)
+        checked = feeds if validated else validate_feeds(feeds, layout.inputs, self.pool.profile)
         rows = 1
         if layout.batchable:
             rows = int(checked[layout.inputs[0].name].shape[0])

@@ -23,7 +23,7 @@ from trtpipe.errors import InputError
 from trtpipe.server.grpc import create_grpc_server
 from trtpipe.server.http import ServerState, create_http_app
 from trtpipe.server.metrics import ServerMetrics
-from trtpipe.server.models import ModelRepository
+from trtpipe.server.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,12 @@ perf_analyzer, dashboards) read the field names, so they follow Triton's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from trtpipe.engine import TensorSpec
+from trtpipe.engine import Manifest, TensorSpec
 from trtpipe.server.protocol import v2_datatype
+from trtpipe.server.validation import TEXT_INPUT
 
-if TYPE_CHECKING:
-    from trtpipe.server.models import ServedModel
-
-TEXT_INPUT = "text"  # the BYTES input a text model accepts, advertised in its metadata
 VERSION = "1"
 
 
@@ -34,7 +31,34 @@ class Counter:
         return {"count": self.count, "ns": self.ns}
 
 
-def model_metadata(model: ServedModel) -> dict[str, Any]:
+class ServedFacts(Protocol):
+    """What the documents read from a served model (trtpipe.server.served_model.ServedModel)."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    config: Any
+    success: Counter
+    failure: Counter
+    last_inference_ms: int
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+    @property
+    def is_text_model(self) -> bool: ...
+    @property
+    def max_sequence_length(self) -> int | None: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    def batcher_stats(self) -> dict[str, Any]: ...
+    def devices_status(self) -> list[dict[str, Any]]: ...
+
+
+def model_metadata(model: ServedFacts) -> dict[str, Any]:
     """KServe v2 model metadata (plus the text input a text model accepts)."""
     doc: dict[str, Any] = {
         "name": model.name,
@@ -52,7 +76,7 @@ def model_metadata(model: ServedModel) -> dict[str, Any]:
     return doc
 
 
-def model_config(model: ServedModel) -> dict[str, Any]:
+def model_config(model: ServedFacts) -> dict[str, Any]:
     """The Triton model-config fields that perf_analyzer and tritonclient read."""
     devices = model.config.devices
     gpus = [d.index for d in devices if d.is_gpu]
@@ -87,7 +111,7 @@ def model_config(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def model_statistics(model: ServedModel) -> dict[str, Any]:
+def model_statistics(model: ServedFacts) -> dict[str, Any]:
     """Triton statistics-extension document for this model.
 
     ``success``/``fail`` count requests as the front ends saw them (one HTTP/gRPC request

@@ -11,9 +11,16 @@ import logging
 from dataclasses import dataclass
 
 from trtpipe.errors import InputError, RunnerError, TrtpipeError
-from trtpipe.server.models import ModelNotFoundError, ModelNotReadyError
 
 log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(InputError):
+    """Unknown model or version (HTTP 404, gRPC NOT_FOUND)."""
+
+
+class ModelNotReadyError(InputError):
+    """The model has no healthy device (HTTP 503, gRPC UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)

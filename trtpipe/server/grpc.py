@@ -20,7 +20,6 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from trtpipe import __version__
 from trtpipe.server.errors import classify
 from trtpipe.server.http import EXTENSIONS, SERVER_NAME, ServerState
-from trtpipe.server.models import ModelRepository
 from trtpipe.server.protocol import (
     InferRequest,
     InputTensor,
@@ -34,6 +33,7 @@ from trtpipe.server.protocol import (
     tensor_from_raw,
     v2_datatype,
 )
+from trtpipe.server.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

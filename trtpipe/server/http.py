@@ -22,15 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtpipe import __version__
 from trtpipe.errors import TrtpipeError
-from trtpipe.server.errors import classify
+from trtpipe.server.errors import ModelNotFoundError, classify
 from trtpipe.server.metrics import CONTENT_TYPE, ServerMetrics
-from trtpipe.server.models import ModelNotFoundError, ModelRepository, ServedModel
 from trtpipe.server.protocol import (
     ProtocolError,
     encode_http_response,
     parse_http_request,
     select_outputs,
 )
+from trtpipe.server.repository import ModelRepository
+from trtpipe.server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 

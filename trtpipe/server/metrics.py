@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
-    from trtpipe.server.models import ModelRepository
+    from trtpipe.server.repository import ModelRepository
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

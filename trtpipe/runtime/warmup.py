@@ -1,0 +1,108 @@
+"""Warm-up: every shape the batcher will launch runs once on a device before it serves.
+
+Like Triton's model warm-up: the first launch of a shape pays for memory arenas, kernel
+selection and (on GPUs) lazy module loading. Running each length bucket at batch 1 and at the
+largest batch while the device loads makes the first request after ``/ready`` as fast as the
+hundredth, and a device revived after a fault is warm before it takes work again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from trtpipe.devices import Device
+from trtpipe.engine import Manifest
+from trtpipe.runners.base import Runner
+from trtpipe.runtime.padding import length_group
+
+log = logging.getLogger(__name__)
+
+# Shapes past this many tokens are skipped except the largest batch at its shortest bucket:
+# warm-up must not take longer than loading.
+TOKEN_BUDGET = 16384
+
+
+def warmup_shapes(manifest: Manifest, max_batch_size: int | None = None) -> list[tuple[int, int]]:
+    """(batch, sequence) pairs: batch 1 and the largest batch at every length bucket."""
+    specs = [s for s in manifest.inputs if s.dims[:1] == ["batch"]]
+    if not specs or len(specs) != len(manifest.inputs):
+        return []
+    largest = manifest.max_batch_size
+    if max_batch_size:
+        largest = min(largest, max_batch_size)
+    seq_ranges = [
+        (manifest.profile[s.name].min[1], manifest.profile[s.name].max[1])
+        for s in specs
+        if len(s.dims) == 2 and s.dims[1] == "sequence" and s.name in manifest.profile
+    ]
+    if not seq_ranges:
+        return [(1, 0), (largest, 0)] if largest > 1 else [(1, 0)]
+    low = max(r[0] for r in seq_ranges)
+    high = min(r[1] for r in seq_ranges)
+    buckets = sorted({min(max(length_group(n), low), high) for n in _powers(low, high)})
+    shapes = []
+    for batch in sorted({1, largest}):
+        for seq in buckets:
+            if batch * seq <= TOKEN_BUDGET or seq == buckets[0]:
+                shapes.append((batch, seq))
+    return shapes
+
+
+def _powers(low: int, high: int) -> list[int]:
+    values, n = [], max(1, low)
+    while n < high:
+        values.append(n)
+        n = length_group(n + 1)
+    values.append(high)
+    return values
+
+
+def warmup_feeds(manifest: Manifest, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Inputs of one shape: token id 1 everywhere, full attention, zero type ids."""
+    feeds = {}
+    for spec in manifest.inputs:
+        shape = tuple(
+            batch if dim == "batch" else seq if dim == "sequence" else max(fixed, 1)
+            for fixed, dim in zip(spec.shape, spec.dims, strict=True)
+        )
+        fill = 0 if spec.name == "token_type_ids" else 1
+        feeds[spec.name] = np.full(shape, fill, dtype=spec.dtype)
+    return feeds
+
+
+def warm_up(runner: Runner, manifest: Manifest, shapes: list[tuple[int, int]]) -> float:
+    """Run every shape once on a loaded runner; returns the seconds it took."""
+    start = time.perf_counter()
+    for batch, seq in shapes:
+        runner.infer(warmup_feeds(manifest, batch, seq))
+    return time.perf_counter() - start
+
+
+def warming_factory(
+    factory: Callable[[Device], Runner], manifest: Manifest, max_batch_size: int | None
+) -> Callable[[Device], Runner]:
+    """Wrap a runner factory so every runner it makes is warmed right after it loads."""
+    shapes = warmup_shapes(manifest, max_batch_size)
+
+    def make(device: Device) -> Runner:
+        runner = factory(device)
+        if shapes:
+            _warm_after_load(runner, manifest, shapes)
+        return runner
+
+    return make
+
+
+def _warm_after_load(runner: Runner, manifest: Manifest, shapes: list[tuple[int, int]]) -> None:
+    load = runner.load
+
+    def load_and_warm() -> None:
+        load()
+        seconds = warm_up(runner, manifest, shapes)
+        log.info("%s warmed %d shapes in %.2f s", runner.describe(), len(shapes), seconds)
+
+    runner.load = load_and_warm  # type: ignore[method-assign]

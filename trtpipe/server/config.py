@@ -1,0 +1,50 @@
+"""How every model is served: the ``trtpipe serve`` options that are not about sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trtpipe.devices import Device
+from trtpipe.engine import EngineDir
+
+
+@dataclass
+class ServeConfig:
+    """Devices, dispatch, batching and warm-up options shared by every served model."""
+
+    devices: list[Device] = field(default_factory=lambda: [Device("cpu", 0)])
+    policy: str = "round_robin"
+    retry_on_failure: bool = True
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024
+    timeout_s: float = 30.0
+    # Run every shape the batcher will launch once per device before the model says ready.
+    warmup: bool = True
+    # Replace the engine with a zero-cost runner of the same signature (front-end ceiling).
+    null_runner: bool = False
+
+
+PoolFactory = Callable[[EngineDir, ServeConfig], Any]
+
+
+def default_pool_factory(engine: EngineDir, config: ServeConfig) -> Any:
+    """The engine's runner on every device; the null runner instead when asked; warmed."""
+    from trtpipe.runtime.pool import DevicePool
+    from trtpipe.runtime.warmup import warming_factory
+
+    pool = DevicePool.for_engine(
+        engine, config.devices, policy=config.policy, retry_on_failure=config.retry_on_failure
+    )
+    if config.null_runner:
+        from trtpipe.runners.null import NullRunner
+
+        manifest = engine.manifest
+        pool.runner_factory = lambda device: NullRunner(manifest, device)
+    if config.warmup:
+        pool.runner_factory = warming_factory(
+            pool.runner_factory, engine.manifest, config.max_batch_size
+        )
+    return pool
