@@ -1,4 +1,4 @@
-"""Thin helpers over cuda-python 13 (``cuda.bindings.runtime``) for the TensorRT path.
+"""Thin helpers over cuda-python (``cuda.bindings.runtime``, 12.6+) for the TensorRT path.
 
 Every cuda-python call returns ``(err, *values)``; :func:`check` turns that into the values or
 an error naming the call. Streams are always created non-blocking (never the default stream)
@@ -23,12 +23,20 @@ from trtpipe.errors import BackendUnavailableError, RunnerError, TrtpipeError
 log = logging.getLogger(__name__)
 
 # cudaError_t values that mean "there is no usable GPU/driver here" rather than a failed call.
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: driver older than the runtime, or none
 NO_DEVICE_ERRORS = {
-    35,  # cudaErrorInsufficientDriver
+    34,  # cudaErrorStubLibrary: the driver loaded is a stub (toolkit without a driver)
+    INSUFFICIENT_DRIVER,
+    46,  # cudaErrorDevicesUnavailable: busy, exclusive-process or prohibited compute mode
     100,  # cudaErrorNoDevice
     101,  # cudaErrorInvalidDevice
+    802,  # cudaErrorSystemNotReady: e.g. fabric manager not running on NVSwitch systems
+    803,  # cudaErrorSystemDriverMismatch: display driver and CUDA driver versions differ
+    804,  # cudaErrorCompatNotSupportedOnDevice: forward-compatibility package on unsupported HW
     999,  # cudaErrorUnknown (typical without a driver)
 }
+# The extra whose cuda-python matches a driver of this CUDA major (cuda-python links its runtime).
+EXTRA_FOR_MAJOR = {12: "gpu-cu12", 13: "gpu-cu13"}
 
 
 def cudart() -> Any:
@@ -67,11 +75,50 @@ def check(result: Any, call: str, error: type[TrtpipeError] = RunnerError) -> An
     code = int(err)
     if code != 0:
         cls = BackendUnavailableError if code in NO_DEVICE_ERRORS else error
-        hint = " (is an NVIDIA GPU and driver present?)" if code in NO_DEVICE_ERRORS else ""
+        hint = ""
+        if code == INSUFFICIENT_DRIVER:
+            hint = driver_mismatch_hint()
+        elif code in NO_DEVICE_ERRORS:
+            hint = " (is an NVIDIA GPU and driver present?)"
         raise cls(f"{call} failed: {error_text(err)}{hint}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values
+
+
+def cuda_version_text(version: int) -> str:
+    """``12040`` -> ``"12.4"`` (CUDA's version integers are 1000 * major + 10 * minor)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def driver_mismatch_hint() -> str:
+    """For cudaErrorInsufficientDriver: which CUDA the driver and the runtime speak, and the fix.
+
+    cuda-python links the CUDA runtime of its own major statically, so cuda-python 13 on a
+    CUDA 12 driver fails every call with this code; a driver version of 0 means no driver.
+    """
+    runtime = cudart()
+    try:
+        err, driver = runtime.cudaDriverGetVersion()
+        driver = int(driver) if int(err) == 0 else 0
+        err, built = runtime.cudaRuntimeGetVersion()
+        built = int(built) if int(err) == 0 else 0
+    except Exception:  # an older binding without the calls: say what is known
+        return " (the NVIDIA driver is older than the CUDA runtime cuda-python was built for)"
+    if driver == 0:
+        return " (no NVIDIA driver is installed; is an NVIDIA GPU and driver present?)"
+    extra = EXTRA_FOR_MAJOR.get(driver // 1000)
+    fix = (
+        f"pip install 'trtpipe[{extra}]' for cuda-python and TensorRT built for CUDA "
+        f"{driver // 1000}"
+        if extra
+        else "upgrade the NVIDIA driver"
+    )
+    return (
+        f" (driver/runtime mismatch: the NVIDIA driver supports CUDA {cuda_version_text(driver)}, "
+        f"the installed cuda-python needs CUDA {cuda_version_text(built)}; {fix}, or upgrade "
+        "the driver)"
+    )
 
 
 def _decode(value: Any) -> str:
@@ -84,6 +131,24 @@ def device_count() -> int:
     """Visible CUDA devices (0 without a driver)."""
     err, count = cudart().cudaGetDeviceCount()
     return int(count) if int(err) == 0 else 0
+
+
+def unusable_reason() -> str | None:
+    """Why no CUDA GPU can be used here, in words (None when one can).
+
+    For messages that would otherwise only say "no GPU": a driver older than cuda-python's
+    runtime is named as such, with the extra that fits the driver.
+    """
+    try:
+        runtime = cudart()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    err, count = runtime.cudaGetDeviceCount()
+    code = int(err)
+    if code == 0:
+        return None if int(count) > 0 else "no CUDA-capable device is detected"
+    hint = driver_mismatch_hint() if code == INSUFFICIENT_DRIVER else ""
+    return f"{error_text(err)}{hint}"
 
 
 def set_device(index: int) -> None:
