@@ -1,10 +1,17 @@
-"""One runner per device, each on its own worker thread, with batches dealt across them.
+"""One runner per device, each on its own worker thread, taking batches as it frees up.
 
-A device never runs two batches at once (its runner lives on one thread, which is also what
-CUDA contexts and TensorRT execution contexts want). A runner that fails mid-batch is marked
-unhealthy and skipped; the batch is retried once on another device when one is left. The pool
-knows nothing about backends: it only calls ``runner_factory(device)``, ``load``, ``infer`` and
-``close``.
+Policies: ``shared_queue`` (the default) puts every batch in one queue and whichever healthy
+device is free takes the next one (work stealing, as Triton and Infinity do), so no batch waits
+behind a slow one while another device idles. ``round_robin`` deals batches in turn and
+``least_busy`` to the device with the fewest batches dealt and running.
+
+A device never runs two batches at once (its runner lives on one thread, which is also what CUDA
+contexts and TensorRT execution contexts want). A runner that fails mid-batch is marked unhealthy
+at once, on its own thread: batches already dealt to it go to healthy devices (not their fault,
+so no retry is used up and no failure counted), and the failed batch is retried once on another
+device when allowed. Unhealthy devices are reloaded in the background with exponential backoff
+(``healing.Backoff``), and readiness follows. The pool knows nothing about backends: it only
+calls ``runner_factory(device)``, ``load``, ``infer`` and ``close``.
 """
 
 from __future__ import annotations
@@ -13,70 +20,53 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from trtpipe.devices import Device, cpu_cores
 from trtpipe.engine import EngineDir, Manifest, ShapeRange, TensorSpec
-from trtpipe.errors import InputError, RunnerError, TrtpipeError
+from trtpipe.errors import InputError, RunnerError
 from trtpipe.runners.base import Runner
+from trtpipe.runtime import device_worker as states
+from trtpipe.runtime.device_worker import DeviceWorker, Job, batch_rows, close_quietly
+from trtpipe.runtime.healing import (
+    DEFAULT_BACKOFF,
+    Backoff,
+    describe,
+    is_user_error,
+    log_reload_plan,
+)
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("round_robin", "least_busy")
+POLICIES = ("shared_queue", "round_robin", "least_busy")
+DEFAULT_POLICY = "shared_queue"
 
+__all__ = ["DEFAULT_POLICY", "POLICIES", "Backoff", "DevicePool", "batch_rows", "cpu_cores"]
 
-class _Worker:
-    """One device: its runner, its single thread and its counters."""
-
-    def __init__(self, device: Device):
-        self.device = device
-        self.runner: Runner | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"trtpipe-{device}")
-        self.healthy = False
-        self.executions = 0
-        self.inferences = 0
-        self.failures = 0
-        self.inflight = 0
-        self.compute_ns = 0
-        self.last_error: str | None = None
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "device": str(self.device),
-            "healthy": self.healthy,
-            "executions": self.executions,
-            "inferences": self.inferences,
-            "failures": self.failures,
-            "last_error": self.last_error,
-            "busy": self.inflight > 0,
-            "inflight": self.inflight,
-            "compute_ns": self.compute_ns,
-        }
-
-
-def batch_rows(feeds: dict[str, np.ndarray], inputs: list[TensorSpec]) -> int:
-    """Rows in an already-batched launch (first dim of the first batched input)."""
-    for spec in inputs:
-        if spec.dims and spec.dims[0] == "batch" and spec.name in feeds:
-            return int(np.shape(feeds[spec.name])[0])
-    return 1
+T = TypeVar("T")
 
 
 class DevicePool:
-    """Runners on several devices behind one ``run(feeds)``; see the module docstring."""
+    """Runners on several devices behind one ``run(feeds)``; see the module docstring.
+
+    ``reload_backoff=None`` turns background reloading off (``revive()`` still reloads).
+    """
 
     def __init__(
         self,
         runner_factory: Callable[[Device], Runner],
         devices: list[Device],
-        policy: str = "round_robin",
+        policy: str = DEFAULT_POLICY,
         retry_on_failure: bool = True,
         manifest: Manifest | None = None,
+        reload_backoff: Backoff | None = DEFAULT_BACKOFF,
     ):
         if not devices:
             raise InputError("the device pool needs at least one device")
@@ -88,20 +78,24 @@ class DevicePool:
         self.policy = policy
         self.retry_on_failure = retry_on_failure
         self.manifest = manifest
-        self._workers = [_Worker(d) for d in devices]
+        self.reload_backoff = reload_backoff
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # any device's health changed
+        self._workers = [DeviceWorker(i, d, self._lock) for i, d in enumerate(devices)]
+        self._shared: deque[Job] = deque()
         self._next = 0
         self._started = False
-        self._closed = False
+        self._closing = False
 
     @classmethod
     def for_engine(
         cls,
         engine: EngineDir | str | Path,
         devices: list[Device],
-        policy: str = "round_robin",
+        policy: str = DEFAULT_POLICY,
         retry_on_failure: bool = True,
         threads_per_cpu_worker: int | None = None,
+        reload_backoff: Backoff | None = DEFAULT_BACKOFF,
     ) -> DevicePool:
         """A pool of the engine's runner on each device.
 
@@ -122,82 +116,71 @@ class DevicePool:
                 runner.threads = threads
             return runner
 
-        return cls(factory, devices, policy, retry_on_failure, manifest=engine_dir.manifest)
+        return cls(
+            factory,
+            devices,
+            policy,
+            retry_on_failure,
+            manifest=engine_dir.manifest,
+            reload_backoff=reload_backoff,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Create and load every runner on its own thread; raise if no device loaded."""
-        if self._closed:
+        """Start one thread per device and load every runner; raise if no device loaded."""
+        if self._closing:
             raise RunnerError("the device pool is closed")
         if self._started:
             return
-        futures = [(w, w.executor.submit(self._load, w)) for w in self._workers]
-        failures = [(w, e) for w, e in ((w, self._settle_load(w, f)) for w, f in futures) if e]
+        with self._lock:
+            loads = [(w, self._call(w, partial(self._reload, w))) for w in self._workers]
+        for worker in self._workers:
+            worker.thread = threading.Thread(
+                target=self._serve, args=(worker,), name=f"trtpipe-{worker.device}", daemon=True
+            )
+            worker.thread.start()
+        failures = [(w, e) for w, e in ((w, f.result()) for w, f in loads) if e is not None]
         self._started = True
         if not self.ready:
-            user_errors = [e for _, e in failures if _is_user_error(e)]
+            self.close()
+            user_errors = [e for _, e in failures if is_user_error(e)]
             if failures and len(user_errors) == len(failures):
                 # The same mistake on every device (no GPU, wrong engine): say it once.
                 raise user_errors[0]
             errors = "; ".join(f"{w.device}: {w.last_error}" for w in self._workers)
             raise RunnerError(f"no device could load the engine ({errors})")
-        for worker, _ in failures:
-            log.error("%s failed to load: %s", worker.device, worker.last_error)
         loaded = [str(w.device) for w in self._workers if w.healthy]
         log.info("device pool ready on %s (policy %s)", ", ".join(loaded), self.policy)
 
     def revive(self) -> list[str]:
-        """Reload unhealthy devices; returns the devices that are healthy again."""
-        revived = []
-        futures = [
-            (w, w.executor.submit(self._load, w))
-            for w in self._workers
-            if not w.healthy and not self._closed
-        ]
-        for worker, future in futures:
-            if self._settle_load(worker, future) is not None:
-                log.error("%s failed to load again: %s", worker.device, worker.last_error)
-            if worker.healthy:
-                revived.append(str(worker.device))
-                log.info("%s is healthy again", worker.device)
-        return revived
-
-    def _load(self, worker: _Worker) -> None:
-        if worker.runner is not None:
-            try:
-                worker.runner.close()
-            except Exception:  # a broken runner may fail to close; we replace it anyway
-                log.debug("closing the old runner on %s failed", worker.device, exc_info=True)
-        worker.runner = None
-        runner = self.runner_factory(worker.device)
-        runner.load()
-        worker.runner = runner
-
-    def _settle_load(self, worker: _Worker, future: Future[None]) -> Exception | None:
-        try:
+        """Reload unhealthy devices now (even those given up on); returns those healthy again."""
+        with self._lock:
+            if not self._started or self._closing:
+                return []
+            targets = [w for w in self._workers if not w.healthy]
+            loads = [self._call(w, partial(self._reload, w)) for w in targets]
+        for future in loads:
             future.result()
-        except Exception as exc:
-            worker.healthy = False
-            worker.last_error = _describe(exc)
-            return exc
-        worker.healthy = True
-        return None
+        return [str(w.device) for w in targets if w.healthy]
+
+    def wait_healthy(self, count: int = 1, timeout: float | None = None) -> bool:
+        """Block until ``count`` devices are healthy (True) or ``timeout`` passes (False)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._closing or sum(w.healthy for w in self._workers) >= count, timeout
+            )
+            return not self._closing and sum(w.healthy for w in self._workers) >= count
 
     def close(self) -> None:
-        """Close every runner on its own thread and stop the threads; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+        """Finish the batches already taken, close every runner on its thread; idempotent."""
+        with self._lock:
+            self._closing = True
+            for worker in self._workers:
+                worker.wake()
+            self._changed.notify_all()
         for worker in self._workers:
-            if worker.runner is not None:
-                runner = worker.runner
-                try:
-                    worker.executor.submit(runner.close).result()
-                except Exception:
-                    log.warning("closing the runner on %s failed", worker.device, exc_info=True)
-                worker.runner = None
-            worker.healthy = False
-            worker.executor.shutdown(wait=True)
+            if worker.thread is not None and worker.thread is not threading.current_thread():
+                worker.thread.join()
 
     def __enter__(self) -> DevicePool:
         self.start()
@@ -214,7 +197,7 @@ class DevicePool:
     @property
     def ready(self) -> bool:
         """At least one healthy device."""
-        return not self._closed and any(w.healthy for w in self._workers)
+        return not self._closing and any(w.healthy for w in self._workers)
 
     @property
     def devices(self) -> list[Device]:
@@ -252,105 +235,219 @@ class DevicePool:
     def max_batch_size(self) -> int:
         return self._spec_source().max_batch_size
 
-    # -- dispatch ----------------------------------------------------------------------------
-    def _select(self, exclude: set[int]) -> int | None:
-        """Index of the next healthy worker by policy, ``None`` when none is left."""
-        count = len(self._workers)
-        with self._lock:
-            order = [(self._next + k) % count for k in range(count)]
-            candidates = [i for i in order if self._workers[i].healthy and i not in exclude]
-            if not candidates:
-                return None
-            if self.policy == "least_busy":
-                # min() keeps the first of equals, so ties go round-robin from ``_next``.
-                chosen = min(candidates, key=lambda i: self._workers[i].inflight)
-            else:
-                chosen = candidates[0]
-            self._next = (chosen + 1) % count
-            self._workers[chosen].inflight += 1
-            return chosen
-
-    def _execute(self, index: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs on the device's own thread."""
-        worker = self._workers[index]
-        try:
-            runner = worker.runner
-            if runner is None or not worker.healthy:
-                raise RunnerError(f"{worker.device} is not loaded")
-            start = time.perf_counter_ns()
-            outputs = runner.infer(feeds)
-            elapsed = time.perf_counter_ns() - start
-            with self._lock:
-                worker.executions += 1
-                worker.inferences += batch_rows(feeds, runner.inputs)
-                worker.compute_ns += elapsed
-            return outputs
-        finally:
-            with self._lock:
-                worker.inflight -= 1
-
-    def _submit(self, exclude: set[int], feeds: dict[str, np.ndarray]) -> tuple[int, Future[Any]]:
-        if not self._started or self._closed:
-            raise RunnerError("the device pool is not running; call start() first")
-        index = self._select(exclude)
-        if index is None:
-            failed = "; ".join(f"{w.device}: {w.last_error}" for w in self._workers if w.last_error)
-            raise RunnerError(f"no healthy device left to run the batch ({failed or 'none'})")
-        try:
-            return index, self._workers[index].executor.submit(self._execute, index, feeds)
-        except RuntimeError as exc:  # executor shut down between select and submit
-            with self._lock:
-                self._workers[index].inflight -= 1
-            raise RunnerError(f"the device pool is closing: {exc}") from exc
-
-    def _failed(self, index: int, exc: BaseException, tried: set[int]) -> None:
-        """Mark the device unhealthy; raise unless a retry on another device is allowed."""
-        worker = self._workers[index]
-        message = _describe(exc)
-        with self._lock:
-            worker.failures += 1
-            worker.healthy = False
-            worker.last_error = message
-        log.error("%s failed a batch and is marked unhealthy: %s", worker.device, message)
-        tried.add(index)
-        may_retry = self.retry_on_failure and len(tried) == 1
-        if not may_retry or not any(
-            w.healthy and i not in tried for i, w in enumerate(self._workers)
-        ):
-            raise RunnerError(f"{worker.device} failed: {message}") from exc
-        log.info("retrying the batch from %s on another device", worker.device)
-
+    # -- running a batch -----------------------------------------------------------------------
     async def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One already-batched launch on the next healthy device (awaitable)."""
-        tried: set[int] = set()
-        while True:
-            index, future = self._submit(tried, feeds)
-            try:
-                return await asyncio.wrap_future(future)
-            except InputError:
-                raise
-            except Exception as exc:
-                self._failed(index, exc, tried)
+        """One already-batched launch on the next free healthy device (awaitable)."""
+        return await asyncio.wrap_future(self._submit(feeds).future)
 
     def run_sync(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Same as :meth:`run`, blocking, for code without an event loop."""
-        tried: set[int] = set()
+        return self._submit(feeds).future.result()
+
+    def _submit(self, feeds: dict[str, np.ndarray]) -> Job:
+        job = Job(feeds)
+        with self._lock:
+            if not self._started or self._closing:
+                raise RunnerError("the device pool is not running; call start() first")
+            if self.policy == "shared_queue":
+                if not any(w.healthy for w in self._workers):
+                    raise self._no_device_error()
+                self._shared.append(job)
+                idle = next((w for w in self._workers if w.idle and w.healthy), None)
+                if idle is not None:
+                    idle.wake()  # else a busy device takes it when it finishes
+            elif not self._deal(job):
+                raise self._no_device_error()
+        return job
+
+    def _deal(self, job: Job) -> bool:
+        """Give the job to one healthy device it has not failed on (lock held); False if none."""
+        count = len(self._workers)
+        order = [(self._next + k) % count for k in range(count)]
+        candidates = [i for i in order if self._workers[i].healthy and i not in job.tried]
+        if not candidates:
+            return False
+        if self.policy == "round_robin":
+            chosen = candidates[0]
+        else:  # least busy; min() keeps the first of equals, so ties go round-robin
+            chosen = min(candidates, key=lambda i: self._workers[i].inflight)
+        self._next = (chosen + 1) % count
+        worker = self._workers[chosen]
+        worker.dealt.append(job)
+        worker.wake()
+        return True
+
+    def _no_device_error(self) -> RunnerError:
+        failed = "; ".join(f"{w.device}: {w.last_error}" for w in self._workers if w.last_error)
+        return RunnerError(f"no healthy device left to run the batch ({failed or 'none'})")
+
+    # -- the device's own thread ---------------------------------------------------------------
+    def _call(self, worker: DeviceWorker, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the device's thread before its next batch (lock held)."""
+        future: Future[T] = Future()
+        worker.controls.append((fn, future))
+        worker.wake()
+        return future
+
+    def _serve(self, worker: DeviceWorker) -> None:
+        """The device's thread: controls first, then dealt batches, then the shared queue."""
         while True:
-            index, future = self._submit(tried, feeds)
-            try:
-                return future.result()
-            except InputError:
-                raise
-            except Exception as exc:
-                self._failed(index, exc, tried)
+            with self._lock:
+                kind, item = self._next_work(worker)
+            if kind == "control":
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            elif kind == "batch":
+                self._execute(worker, item)
+            elif kind == "reload":
+                self._reload(worker)
+            else:
+                self._close_runner(worker)
+                return
 
+    def _next_work(self, worker: DeviceWorker) -> tuple[str, Any]:
+        """Wait (lock held) for the device's next thing to do."""
+        while True:
+            if worker.controls:
+                return "control", worker.controls.popleft()
+            if worker.dealt:
+                worker.running = True
+                return "batch", worker.dealt.popleft()
+            if worker.healthy and self._shared:
+                worker.running = True
+                return "batch", self._shared.popleft()
+            if self._closing:
+                return "exit", None
+            timeout = None
+            if worker.reload_at is not None:
+                timeout = worker.reload_at - time.monotonic()
+                if timeout <= 0:
+                    worker.reload_at = None
+                    return "reload", None
+            worker.idle = True
+            worker.wakeup.wait(timeout)
+            worker.idle = False
 
-def _is_user_error(exc: BaseException) -> bool:
-    """A mistake the user fixes (options, engine dir), not a device that broke."""
-    return isinstance(exc, TrtpipeError) and not isinstance(exc, RunnerError)
+    def _execute(self, worker: DeviceWorker, job: Job) -> None:
+        if not job.started:
+            job.started = True
+            if not job.future.set_running_or_notify_cancel():  # the caller gave up waiting
+                with self._lock:
+                    worker.running = False
+                return
+        runner = worker.runner
+        try:
+            if runner is None:
+                raise RunnerError(f"{worker.device} has no runner")  # never dealt one; defensive
+            start = time.perf_counter_ns()
+            outputs = runner.infer(job.feeds)
+            elapsed = time.perf_counter_ns() - start
+        except InputError as exc:  # the caller's mistake: the device stays healthy
+            with self._lock:
+                worker.running = False
+            job.future.set_exception(exc)
+        except Exception as exc:
+            self._batch_failed(worker, job, exc)
+        else:
+            with self._lock:
+                worker.running = False
+                worker.executions += 1
+                worker.inferences += batch_rows(job.feeds, runner.inputs)
+                worker.compute_ns += elapsed
+                worker.failures_in_a_row = 0
+            job.future.set_result(outputs)
 
+    def _batch_failed(self, worker: DeviceWorker, job: Job, exc: Exception) -> None:
+        """Mark the device unhealthy, move its dealt batches, retry or fail this one."""
+        message = describe(exc)
+        failed: list[tuple[Job, RunnerError]] = []
+        with self._lock:
+            worker.running = False
+            worker.failures += 1
+            worker.last_error = message
+            delay = self._mark_unhealthy(worker, exc)
+            job.tried.add(worker.index)
+            retried = self.retry_on_failure and len(job.tried) == 1 and self._deal(job)
+            if not retried:
+                error = RunnerError(f"{worker.device} failed: {message}")
+                error.__cause__ = exc
+                failed.append((job, error))
+            moved = list(worker.dealt)
+            worker.dealt.clear()
+            for other in moved:
+                if not self._deal(other):
+                    failed.append((other, self._no_device_error()))
+            if not any(w.healthy for w in self._workers):
+                failed += [(j, self._no_device_error()) for j in self._shared]
+                self._shared.clear()
+        log.error("%s failed a batch and is marked unhealthy: %s", worker.device, message)
+        if retried:
+            log.info("retrying the batch from %s on another device", worker.device)
+        if moved:
+            log.info("%d batch(es) dealt to %s go to other devices", len(moved), worker.device)
+        log_reload_plan(worker.device, exc, delay, worker.failures_in_a_row)
+        for other, error in failed:
+            other.future.set_exception(error)
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TrtpipeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    def _mark_unhealthy(self, worker: DeviceWorker, exc: BaseException) -> float | None:
+        """Unhealthy, and when to reload (lock held); returns the delay, None for no reload."""
+        worker.healthy = False
+        worker.failures_in_a_row += 1
+        worker.reload_at = None
+        self._changed.notify_all()
+        if is_user_error(exc):
+            worker.state = states.FAILED
+            return None
+        worker.state = states.UNHEALTHY
+        if self.reload_backoff is None:
+            return None
+        delay = self.reload_backoff.delay(worker.failures_in_a_row)
+        worker.reload_at = time.monotonic() + delay
+        return delay
+
+    def _reload(self, worker: DeviceWorker) -> Exception | None:
+        """(Re)load the device's runner on its own thread; returns the error or None."""
+        with self._lock:
+            first = worker.state == states.LOADING
+            if not first:
+                worker.state = states.RELOADING
+            worker.reload_at = None
+            old, worker.runner = worker.runner, None
+        if old is not None:
+            close_quietly(old, worker.device)
+        runner: Runner | None = None
+        try:
+            runner = self.runner_factory(worker.device)
+            runner.load()
+        except Exception as exc:
+            if runner is not None:
+                close_quietly(runner, worker.device)
+            with self._lock:
+                worker.last_error = describe(exc)
+                delay = self._mark_unhealthy(worker, exc)
+            verb = "failed to load" if first else "failed to reload"
+            log.error("%s %s: %s", worker.device, verb, worker.last_error)
+            log_reload_plan(worker.device, exc, delay, worker.failures_in_a_row)
+            return exc
+        with self._lock:
+            worker.runner = runner
+            worker.healthy = True
+            worker.state = states.HEALTHY
+            if not first:
+                worker.reloads += 1
+            self._changed.notify_all()
+        if not first:
+            log.info("%s is healthy again", worker.device)
+        return None
+
+    def _close_runner(self, worker: DeviceWorker) -> None:
+        with self._lock:
+            runner, worker.runner = worker.runner, None
+            worker.healthy = False
+            worker.state = states.CLOSED
+            worker.reload_at = None
+        if runner is not None:
+            close_quietly(runner, worker.device)
