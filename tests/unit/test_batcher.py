@@ -346,27 +346,57 @@ def test_stop_without_drain_fails_the_queued_requests() -> None:
     assert all(isinstance(r, BatcherStoppedError) for r in results[1:])
 
 
-def test_a_failing_device_fails_only_its_own_batch() -> None:
+@pytest.mark.parametrize("policy", ["shared_queue", "round_robin"])
+def test_a_failing_device_fails_only_its_own_batch(policy: str) -> None:
+    """cpu:1 fails the one batch it holds and nothing else: a batch round-robin dealt to cpu:1
+    while that batch was failing goes to cpu:0, and cpu:1's failure is counted once. Gates
+    order the events, so the outcome is the same on a loaded machine."""
     harness = Harness(devices=2, max_batch_size=2, max_queue_delay_ms=0)
     harness.pool.retry_on_failure = False
+    harness.pool.policy = policy
+    harness.pool.reload_backoff = None  # one fault, cpu:1 stays down
     harness.runners[1].fail = True
+    reached = threading.Semaphore(0)
+
+    class Turnstile(threading.Event):
+        """A gate that also tells the test a launch reached it."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            reached.release()
+            return super().wait(timeout)
+
+    gates = {index: Turnstile() for index in (0, 1)}
+    for index, gate in gates.items():
+        harness.runners[index].gate = gate
     reqs = [request(i, 1, 4) for i in range(8)]
 
-    async def scenario(batcher: DynamicBatcher) -> list[Any]:
-        return list(
-            await asyncio.gather(*(batcher.submit(r) for r in reqs), return_exceptions=True)
-        )
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.002)
 
-    async def scenario_and_status(batcher: DynamicBatcher) -> list[Any]:
-        results = await scenario(batcher)
+    async def scenario(batcher: DynamicBatcher) -> tuple[list[Any], int]:
+        tasks = [asyncio.ensure_future(batcher.submit(r)) for r in reqs]
+        for _ in range(2):  # one launch on each device, both held at their gates
+            assert await asyncio.to_thread(reached.acquire, True, 10)
+        held = next(shape[0] for device, shape in harness.launches if device == "cpu:1")
+        gates[0].set()  # cpu:0 runs what it gets; cpu:1 stays inside the batch that will fail
+        if policy == "round_robin":  # the old race: a later batch dealt to cpu:1 behind it
+            await until(lambda: harness.pool.devices_status()[1]["inflight"] == 2, "a deal")
+        else:
+            await until(lambda: sum(t.done() for t in tasks) == len(reqs) - held, "cpu:0")
+        gates[1].set()
+        results = list(await asyncio.gather(*tasks, return_exceptions=True))
         assert harness.pool.ready
         assert [s["healthy"] for s in harness.pool.devices_status()] == [True, False]
-        return results
+        assert [s["failures"] for s in harness.pool.devices_status()] == [0, 1]
+        return results, held
 
-    results = run(harness, scenario_and_status)
+    results, held = run(harness, scenario)
     failed = [r for r in results if isinstance(r, Exception)]
-    assert 1 <= len(failed) <= 2  # one batch of at most 2 requests
-    assert all(isinstance(r, RunnerError) and "cpu:1" in str(r) for r in failed)
+    assert len(failed) == held and 1 <= held <= 2  # exactly the batch cpu:1 held
+    assert all(isinstance(r, RunnerError) and "injected fault on cpu:1" in str(r) for r in failed)
     for feeds, result in zip(reqs, results, strict=True):
         if not isinstance(result, Exception):
             check(feeds, result)
