@@ -291,8 +291,13 @@ class Builder:
             STATS["timing_cache_hits" if hit else "timing_cache_misses"] += 1
             if not hit:
                 config._cache.entries.append(key)
-        blob = json.dumps(header).encode()
-        return IHostMemory(PLAN_MAGIC + struct.pack("<Q", len(blob)) + blob + network.onnx_bytes)
+        return IHostMemory(plan_bytes(header, network.onnx_bytes))
+
+
+def plan_bytes(header: dict[str, Any], onnx_bytes: bytes) -> bytes:
+    """A fake plan: magic, header length, JSON header (version, capability, profile, I/O), graph."""
+    blob = json.dumps(header).encode()
+    return PLAN_MAGIC + struct.pack("<Q", len(blob)) + blob + onnx_bytes
 
 
 class Runtime:

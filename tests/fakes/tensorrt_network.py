@@ -181,7 +181,7 @@ class OnnxParser:
         import os
 
         from onnx import TensorProto
-        from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor
+        from onnx.external_data_helper import _get_all_tensors
 
         base = os.path.dirname(os.path.abspath(path)) if path else None
         for tensor in _get_all_tensors(proto):
@@ -200,7 +200,10 @@ class OnnxParser:
                     )
                 )
                 return False
-            load_external_data_for_tensor(tensor, base)
+            with open(target, "rb") as handle:  # follows links, like the real parser's ifstream
+                handle.seek(int(info.get("offset", 0)))
+                length = int(info["length"]) if "length" in info else -1
+                tensor.raw_data = handle.read(length)
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
         return True

@@ -109,7 +109,8 @@ def weights_beside(model_path: Path, source_dir: Path | None) -> Iterator[Path]:
     The TensorRT ONNX parser reads external weights relative to the model file's directory.
     If they are already there, that is the file itself; if the model file was copied without
     them (an fp32 build copies only the graph), a scratch dir with links to the graph and to the
-    weights in ``source_dir`` (the export dir), so gigabytes are never copied.
+    weights in ``source_dir`` (the export dir), so gigabytes are never copied: hard links where
+    both are on one filesystem, symbolic links otherwise.
     """
     files = external_data_files(model_path)
     missing = [f for f in files if not (model_path.parent / f).is_file()]
@@ -127,14 +128,21 @@ def weights_beside(model_path: Path, source_dir: Path | None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=".weights.", dir=model_path.parent) as scratch:
         scratch_dir = Path(scratch)
         linked = scratch_dir / model_path.name
-        linked.symlink_to(model_path.resolve())
+        _link(model_path, linked)
         for name in files:
             origin = model_path.parent / name if name not in missing else source_dir / name
             target = scratch_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(origin.resolve())
+            _link(origin, target)
         log.debug("parsing %s with external data from %s", model_path.name, source_dir)
         yield linked
+
+
+def _link(origin: Path, target: Path) -> None:
+    try:
+        os.link(origin.resolve(), target)
+    except OSError:  # another filesystem, or links not allowed: a symbolic link
+        target.symlink_to(origin.resolve())
 
 
 def build_tensorrt(
