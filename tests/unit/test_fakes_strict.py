@@ -190,3 +190,116 @@ def test_fakes_are_uninstalled_after_the_test():
     from cuda.bindings import runtime
 
     assert not getattr(runtime, "IS_TEST_DOUBLE", False)
+
+
+def test_tensor_addresses_must_be_256_byte_aligned(fake_gpu: FakeGpu, tmp_path: Path):
+    launch = Launch(fake_gpu, build_dir(tmp_path))
+    assert not launch.context.set_tensor_address("x", launch.x_dev + 64)
+    assert "not 256-byte aligned" in launch.errors()
+    assert launch.context.set_tensor_address("x", launch.x_dev)
+
+
+def test_profile_calls_raise_like_the_real_binding(fake_gpu: FakeGpu, tmp_path: Path):
+    launch = Launch(fake_gpu, build_dir(tmp_path))
+    with pytest.raises(RuntimeError, match="set optimization profile"):
+        launch.context.set_optimization_profile_async(1, launch.stream)
+    with pytest.raises(RuntimeError, match="set optimization profile"):
+        launch.context.set_optimization_profile_async(0, 0)
+    profile = fake_gpu.trt.Builder(fake_gpu.trt.Logger()).create_optimization_profile()
+    with pytest.raises(RuntimeError, match="set_shape"):
+        profile.set_shape("x", (4, 4), (2, 4), (8, 4))
+    assert profile.set_shape("x", (1, 4), (2, 4), (8, 4)) is None
+
+
+def test_device_memory_is_limited_and_counted_per_device(tmp_path: Path):
+    with installed_fakes(device_count=2) as fake_gpu:
+        cuda, state = fake_gpu.cuda, fake_gpu.state
+        state.total_memory = 1 << 30
+        a = Launch.value(cuda.cudaMalloc(600 << 20))
+        err, ptr = cuda.cudaMalloc(600 << 20)
+        assert err == cuda.cudaError_t.cudaErrorMemoryAllocation and ptr is None
+        assert cuda.cudaSetDevice(1)[0] == 0
+        b = Launch.value(cuda.cudaMalloc(600 << 20))  # another device has its own memory
+        host = Launch.value(cuda.cudaHostAlloc(3 << 20, 0))
+        assert state.device_bytes == {0: 600 << 20, 1: 600 << 20}
+        assert state.pinned_bytes == {1: 3 << 20}
+        state.host_memory = 4 << 20
+        assert cuda.cudaHostAlloc(2 << 20, 0)[0] == cuda.cudaError_t.cudaErrorMemoryAllocation
+        for result in (cuda.cudaFree(a), cuda.cudaFree(b), cuda.cudaFreeHost(host)):
+            assert result[0] == 0
+        assert state.device_bytes == {0: 0, 1: 0} and state.pinned_bytes == {1: 0}
+        assert state.peak_device_bytes == {0: 600 << 20, 1: 600 << 20}
+
+
+def test_allocations_belong_to_their_device_and_faults_stick(tmp_path: Path):
+    """Memory of GPU 1 used by an engine on GPU 0 faults; the fault sticks to GPU 0 only."""
+    with installed_fakes(device_count=2) as fake_gpu:
+        cuda = fake_gpu.cuda
+        launch = Launch(fake_gpu, build_dir(tmp_path))  # stream and buffers on device 0
+        h2d = cuda.cudaMemcpyKind.cudaMemcpyHostToDevice
+        assert cuda.cudaSetDevice(1)[0] == 0
+        other = Launch.value(cuda.cudaMalloc(256))
+        assert cuda.cudaSetDevice(0)[0] == 0
+        (err,) = cuda.cudaMemcpyAsync(other, launch.x_host, 64, h2d, launch.stream)
+        assert err == cuda.cudaError_t.cudaErrorInvalidValue  # no copies across devices
+        assert "device memory of device 1" in cuda.cudaGetErrorString(err)[1].decode()
+
+        ctx = launch.context
+        assert cuda.cudaMemcpyAsync(launch.x_dev, launch.x_host, 64, h2d, launch.stream)[0] == 0
+        assert ctx.set_input_shape("x", (2, 4))
+        assert ctx.set_tensor_address("x", launch.x_dev) and ctx.set_tensor_address("y", other)
+        assert ctx.execute_async_v3(launch.stream)
+        (err,) = cuda.cudaStreamSynchronize(launch.stream)
+        assert err == cuda.cudaError_t.cudaErrorIllegalAddress
+        # Sticky: every later call needing device 0's context fails the same way...
+        assert cuda.cudaMalloc(64)[0] == cuda.cudaError_t.cudaErrorIllegalAddress
+        assert cuda.cudaStreamSynchronize(launch.stream)[0] == err
+        assert cuda.cudaFree(launch.x_dev)[0] == err
+        assert not ctx.execute_async_v3(launch.stream)
+        # ...while device 1 still works.
+        assert cuda.cudaSetDevice(1)[0] == 0
+        assert cuda.cudaFree(other)[0] == 0
+
+
+def test_parser_reads_external_weights_only_from_beside_the_model(
+    fake_gpu: FakeGpu, tmp_path: Path
+):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.fakes.models import save_double_model
+
+    model = onnx.load(str(save_double_model(tmp_path / "src.onnx")))
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init), init.name))
+    export = tmp_path / "export"
+    export.mkdir()
+    onnx.save_model(
+        model, str(export / "model.onnx"), save_as_external_data=True, size_threshold=0,
+        location="model.onnx_data",
+    )  # fmt: skip
+    trt = fake_gpu.trt
+
+    def parse(path: Path | None) -> tuple[bool, str]:
+        logger = trt.Logger()
+        network = trt.Builder(logger).create_network(1 << 1)
+        parser = trt.OnnxParser(network, logger)
+        ok = (
+            parser.parse_from_file(str(path))
+            if path
+            else parser.parse((export / "model.onnx").read_bytes())
+        )
+        return ok, " ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+
+    assert parse(export / "model.onnx") == (True, "")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(export / "model.onnx", elsewhere / "model.onnx")
+    ok, errors = parse(elsewhere / "model.onnx")
+    assert not ok and "Failed to open file" in errors and "model.onnx_data" in errors
+    ok, errors = parse(None)  # bytes alone: no directory to look in
+    assert not ok and "beside the model file" in errors
+    (elsewhere / "model.onnx_data").write_bytes(b"\0")  # too short for the tensor
+    assert not parse(elsewhere / "model.onnx")[0]
