@@ -62,6 +62,9 @@ class CompareReport:
     tolerances: Tolerances
     samples: int
     inputs: str
+    # int8 engines on ONNX Runtime: the CPU int8 kernel family this gate ran on
+    # (trtpipe.cpu_features); the result holds for that family only. None otherwise.
+    cpu_int8_family: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,7 @@ class CompareReport:
             "precision": self.precision,
             "samples": self.samples,
             "inputs": self.inputs,
+            "cpu_int8_family": self.cpu_int8_family,
             "tolerances": asdict(self.tolerances),
             "outputs": {name: asdict(r) for name, r in self.outputs.items()},
         }
@@ -100,7 +104,8 @@ class CompareReport:
         for name, r in self.outputs.items():
             lines.extend(f"  {name}: {msg}" for msg in r.failures)
         verdict = "PASSED" if self.passed else "FAILED"
-        lines.append(f"{verdict} ({self.precision}, {self.samples} samples, {self.inputs})")
+        family = f", {self.cpu_int8_family} int8 kernels" if self.cpu_int8_family else ""
+        lines.append(f"{verdict} ({self.precision}, {self.samples} samples, {self.inputs}{family})")
         return "\n".join(lines)
 
 
@@ -297,9 +302,14 @@ def compare_engine(
         else:
             label = f"texts from {texts_file}" if texts_file else "built-in sentences"
             batches = batches_from_texts(texts, engine.path, engine_runner, batch_size, max_length)
-        return run_compare(
+        report = run_compare(
             engine_runner, ref, batches, manifest.task, manifest.precision, tolerances, label
         )
+    if manifest.backend == "onnxruntime" and manifest.precision == "int8":
+        from trtpipe.cpu_features import int8_kernel_family
+
+        report.cpu_int8_family = int8_kernel_family()
+    return report
 
 
 def vocab_size(engine_path: Path) -> int:

@@ -92,6 +92,9 @@ class Manifest:
     device: dict[str, Any] = field(default_factory=dict)
     build_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # int8 engines for ONNX Runtime: the int8 kernel family of the CPU they were built and
+    # calibrated on (trtpipe.cpu_features); "" for every other engine and for 0.1.0 engine dirs.
+    cpu_int8_family: str = ""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -126,6 +129,7 @@ class Manifest:
                 device=dict(data.get("device", {})),
                 build_options=dict(data.get("build_options", {})),
                 extra=dict(data.get("extra", {})),
+                cpu_int8_family=str(data.get("cpu_int8_family", "")),
                 format_version=int(data.get("format_version", FORMAT_VERSION)),
             )
         except (KeyError, TypeError, ValueError) as exc:

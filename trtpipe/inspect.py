@@ -17,6 +17,18 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
+def int8_family_line(built_on: str) -> str:
+    """The CPU int8 kernel family an int8 engine was built on, against this machine's."""
+    from trtpipe.cpu_features import int8_kernel_family
+
+    here = int8_kernel_family()
+    if not built_on:
+        return f"not recorded (built before trtpipe recorded it); this CPU: {here}"
+    if built_on == here:
+        return f"{built_on} (built on this kind of CPU)"
+    return f"{built_on}; this CPU: {here}, accuracy unchecked here: run trtpipe compare"
+
+
 def summarize(engine: EngineDir) -> str:
     m = engine.manifest
     size_mb = engine.engine_path.stat().st_size / 1e6
@@ -30,6 +42,8 @@ def summarize(engine: EngineDir) -> str:
     ]
     if m.device:
         lines.append(f"device       {', '.join(f'{k}={v}' for k, v in m.device.items())}")
+    if m.backend == "onnxruntime" and m.precision == "int8":
+        lines.append(f"int8 kernels {int8_family_line(m.cpu_int8_family)}")
     lines.append("")
     rows = []
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):

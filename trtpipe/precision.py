@@ -20,6 +20,7 @@ import io
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,38 @@ INT8_TARGET_COSINE = 0.996
 # calibration sentences are short and everyday, easier than most text: 0.996 on them came out at
 # 0.992 on harder held-out text (0.995 and 8 nodes: 0.990), at about 5% less speed.
 INT8_BUDGET_FRACTION = 0.375
+# Weight types of ONNX Runtime's dynamic int8 (activations are uint8): "int8" runs the u8s8
+# kernels, "uint8" the u8u8 ones (no int16 pair sums, so no saturation on AVX2; slower).
+WEIGHT_TYPES = ("int8", "uint8")
+# The int8 recipe per CPU int8 kernel family (trtpipe.cpu_features); "default" for the rest.
+INT8_RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"weight_type": "int8", "reduce_range": False, "target": INT8_TARGET_COSINE},
+}
 
 
 def default_calibration_texts() -> list[str]:
     """Built-in calibration sentences, disjoint from the built-in compare sentences."""
     data = resources.files("trtpipe").joinpath("data/calibration.txt").read_text(encoding="utf-8")
     return [line.strip() for line in data.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path | None = None) -> Iterator[Path]:
+    """A scratch dir, removed on exit, that also receives third-party temp files.
+
+    Given ``parent`` (the build's atomic temp dir, which the CLI's signal handler removes before
+    ``os._exit``), nothing the precision step writes can outlive an interrupted build: our own
+    intermediates (fused graph, fully quantized graph, calibration arrays) and the temp files
+    ONNX Runtime's quantizer and ModelOpt create through ``tempfile`` while it runs.
+    """
+    path = Path(tempfile.mkdtemp(prefix="precision-", dir=parent))
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def apply_precision(
@@ -59,18 +86,36 @@ def apply_precision(
     backend: str,
     calibration: dict[str, np.ndarray] | None,
     int8_selection: str = "greedy",
-    int8_target: float = INT8_TARGET_COSINE,
+    int8_target: float | None = None,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Write ``dst`` with ``precision`` applied to ``src``; return what was done.
 
     ``int8_selection`` and ``int8_target`` apply to the ONNX Runtime INT8 recipe only.
+    Intermediate files go to a scratch dir inside ``work_dir`` (default: the system temp dir).
     """
+    with scratch_dir(work_dir) as work:
+        return _apply_precision(
+            src, dst, precision, backend, calibration, int8_selection, int8_target, work
+        )
+
+
+def _apply_precision(
+    src: Path,
+    dst: Path,
+    precision: str,
+    backend: str,
+    calibration: dict[str, np.ndarray] | None,
+    int8_selection: str,
+    int8_target: float | None,
+    work: Path,
+) -> dict[str, Any]:
     if precision not in ("fp32", "fp16", "int8"):
         raise InputError(f"unknown precision {precision!r}; use fp32, fp16 or int8")
     if precision == "int8" and not calibration:
         raise InputError("--int8 needs calibration text (--calib FILE, one sentence a line)")
     if precision == "fp16":
-        return to_fp16(src, dst, calibration)
+        return to_fp16(src, dst, calibration, work)
     if backend == "tensorrt":
         if precision == "fp32":
             shutil.copyfile(src, dst)
@@ -82,26 +127,28 @@ def apply_precision(
     if precision == "fp32":
         return {"method": "none", **fuse_transformer(src, dst)}
     assert calibration is not None
-    with tempfile.TemporaryDirectory() as work:
-        fused = Path(work) / "fused.onnx"
-        fusion = fuse_transformer(src, fused)
-        return {
-            **to_int8_dynamic(
-                fused, dst, calibration, selection=int8_selection, target=int8_target
-            ),
-            **fusion,
-        }
+    fused = work / "fused.onnx"
+    fusion = fuse_transformer(src, fused)
+    recipe = int8_recipe()
+    if int8_target is not None:
+        recipe["target"] = int8_target
+    return {
+        **to_int8_dynamic(fused, dst, calibration, selection=int8_selection, work=work, **recipe),
+        **fusion,
+    }
 
 
-def to_fp16(src: Path, dst: Path, calibration: dict[str, np.ndarray] | None) -> dict[str, Any]:
+def to_fp16(
+    src: Path, dst: Path, calibration: dict[str, np.ndarray] | None, work: Path | None = None
+) -> dict[str, Any]:
     """ModelOpt AutoCast with real reference inputs; I/O types kept so clients see no change."""
     import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    with tempfile.TemporaryDirectory() as work:
+    with scratch_dir(work) as scratch:
         calib_path = None
         if calibration:
-            calib_path = str(Path(work) / "calib.npz")
+            calib_path = str(scratch / "calib.npz")
             np.savez(calib_path, **calibration)  # type: ignore[arg-type]
         try:
             model = convert_to_mixed_precision(
@@ -141,6 +188,17 @@ def to_int8_qdq(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -> dic
     return {"method": "modelopt.quantize", "calibration": "entropy", "qdq": True}
 
 
+def int8_recipe(family: str | None = None) -> dict[str, Any]:
+    """The ONNX Runtime CPU int8 options for an int8 kernel family (default: this machine's).
+
+    See ``INT8_RECIPES``; the family goes into the build record.
+    """
+    from trtpipe.cpu_features import int8_kernel_family
+
+    family = family or int8_kernel_family()
+    return {"cpu_family": family, **INT8_RECIPES.get(family, INT8_RECIPES["default"])}
+
+
 def to_int8_dynamic(
     src: Path,
     dst: Path,
@@ -151,6 +209,10 @@ def to_int8_dynamic(
     selection: str = "greedy",
     target: float = INT8_TARGET_COSINE,
     budget_fraction: float = INT8_BUDGET_FRACTION,
+    weight_type: str = "int8",
+    reduce_range: bool = False,
+    cpu_family: str | None = None,
+    work: Path | None = None,
 ) -> dict[str, Any]:
     """Smoothed, per-channel dynamic INT8 of MatMul and Attention (the ONNX Runtime CPU path).
 
@@ -158,7 +220,9 @@ def to_int8_dynamic(
     "greedy" keeps nodes in fp32 by their measured effect on the outputs over the calibration
     text until the worst row reaches ``target`` cosine or ``budget_fraction`` of the nodes are
     kept (``trtpipe.int8_selection``); "proxy" keeps the ``keep_fraction`` of nodes with the
-    largest local INT8 error (``most_sensitive``).
+    largest local INT8 error (``most_sensitive``). ``weight_type`` ("int8" or "uint8") and
+    ``reduce_range`` (7-bit weights) select ONNX Runtime's kernels; ``cpu_family`` is only
+    recorded (the greedy selection measures this machine's kernels).
     """
     import onnx
 
@@ -166,12 +230,15 @@ def to_int8_dynamic(
         raise InputError(f"unknown INT8 selection {selection!r}; use one of {INT8_SELECTIONS}")
     if not 0 < target <= 1:
         raise InputError(f"INT8 target cosine {target} must be in (0, 1]")
+    if weight_type not in WEIGHT_TYPES:
+        raise InputError(f"unknown INT8 weight type {weight_type!r}; use one of {WEIGHT_TYPES}")
+    quantizer: dict[str, Any] = {"weight_type": weight_type, "reduce_range": reduce_range}
     model = onnx.load(str(src))
     smoothed = smooth_activations(model, [calibration], alpha) if alpha > 0 else 0
     info: dict[str, Any] = {"selection": "given" if keep_fp32 is not None else selection}
-    with tempfile.TemporaryDirectory() as work:
+    with scratch_dir(work) as scratch:
         # Quantize from src itself unless smoothing rewrote the graph.
-        smooth_path = Path(work) / "smoothed.onnx" if smoothed else src
+        smooth_path = scratch / "smoothed.onnx" if smoothed else src
         if smoothed:
             onnx.save(model, str(smooth_path))
         if keep_fp32 is None and selection == "proxy":
@@ -179,7 +246,7 @@ def to_int8_dynamic(
         if keep_fp32 is None:
             try:
                 keep_fp32, found = greedy_fp32_nodes(
-                    model, smooth_path, Path(work), calibration, target, budget_fraction
+                    model, smooth_path, scratch, calibration, target, budget_fraction, **quantizer
                 )
                 info.update(found)
             except BuildError:
@@ -188,13 +255,17 @@ def to_int8_dynamic(
                 log.warning("end-to-end INT8 selection failed (%s); using the local proxy", exc)
                 keep_fp32 = most_sensitive(model, [calibration], keep_fraction)
                 info["selection"] = "proxy (greedy failed)"
-        quantize_dynamic_int8(smooth_path, dst, keep_fp32)
+        quantize_dynamic_int8(smooth_path, dst, keep_fp32, **quantizer)
     log.info("int8: %d nodes kept fp32: %s", len(keep_fp32), keep_fp32)
     return {
         "method": "onnxruntime.quantize_dynamic",
         "ops": ["MatMul", "Attention"],
         "per_channel": True,
-        "weights": "int8 symmetric",
+        "weights": f"{weight_type} {'symmetric' if weight_type == 'int8' else 'asymmetric'}"
+        + (", 7-bit range" if reduce_range else ""),
+        "weight_type": weight_type,
+        "reduce_range": reduce_range,
+        "cpu_family": cpu_family,
         "activations": "uint8, per tensor, at run time",
         "smoothing_alpha": alpha,
         "smoothed_nodes": smoothed,
@@ -210,6 +281,8 @@ def greedy_fp32_nodes(
     calibration: dict[str, np.ndarray],
     target: float,
     budget_fraction: float,
+    weight_type: str = "int8",
+    reduce_range: bool = False,
 ) -> tuple[list[str], dict[str, Any]]:
     """Nodes to keep in fp32, by their effect on the outputs; and a record for the build log."""
     import onnx
@@ -219,7 +292,7 @@ def greedy_fp32_nodes(
     nodes = weighted_nodes(model)
     budget = int(budget_fraction * len(nodes))
     everything = work / "all_int8.onnx"
-    quantize_dynamic_int8(path, everything, [])
+    quantize_dynamic_int8(path, everything, [], weight_type, reduce_range)
     chosen = select_fp32_nodes(
         model, onnx.load(str(everything)), nodes, calibration, target=target, budget=budget
     )
@@ -238,8 +311,14 @@ def greedy_fp32_nodes(
     }
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str]) -> None:
-    """ONNX Runtime dynamic INT8 of MatMul and Attention, per-channel int8 weights."""
+def quantize_dynamic_int8(
+    src: Path,
+    dst: Path,
+    keep_fp32: list[str],
+    weight_type: str = "int8",
+    reduce_range: bool = False,
+) -> None:
+    """ONNX Runtime dynamic INT8 of MatMul and Attention, per-channel weights."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -250,7 +329,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str]) -> None:
             str(dst),
             op_types_to_quantize=["MatMul", "Attention"],
             per_channel=True,
-            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=keep_fp32,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )

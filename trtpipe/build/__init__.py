@@ -115,6 +115,35 @@ def load_onnx(path: Path) -> Any:
     return model
 
 
+def with_inferred_output_shapes(model: Any, outputs: list[TensorSpec]) -> list[TensorSpec]:
+    """``outputs`` with the dims that ONNX shape inference can fix filled in.
+
+    Exporters often declare an output's feature dim as a symbol (``sentence_embedding`` of
+    MiniLM: ``[batch_size, Divsentence_embedding_dim_1]``) that inference resolves to 384; the
+    manifest should advertise the real shape. Best effort: the specs as given if inference fails.
+    """
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # inference is optional: an unusual or huge graph keeps its dims
+        log.debug("output shape inference skipped: %s", exc)
+        return outputs
+    found = {o.name: list(o.type.tensor_type.shape.dim) for o in inferred.graph.output}
+    refined = []
+    for spec in outputs:
+        known = found.get(spec.name, [])
+        shape, dims = list(spec.shape), list(spec.dims)
+        if len(known) == len(shape):
+            for i, dim in enumerate(known):
+                if shape[i] == -1 and dim.HasField("dim_value") and dim.dim_value > 0:
+                    shape[i] = int(dim.dim_value)
+                    if i < len(dims):
+                        dims[i] = ""
+        refined.append(TensorSpec(spec.name, spec.dtype, shape, dims))
+    return refined
+
+
 def calibration_feeds(
     model_dir: Path, texts: list[str], inputs: list[TensorSpec], profile: dict[str, ShapeRange]
 ) -> dict[str, np.ndarray]:
@@ -151,6 +180,7 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
     task = config.task or (info.task if info else detect_task(str(model_dir)))
     backend = resolve_backend(config.backend)
     inputs, outputs = onnx_io_specs(model)
+    outputs = with_inferred_output_shapes(model, outputs)
     profile = build_profile(
         inputs, config.min_shapes, config.opt_shapes, config.max_shapes, max_positions(model_dir)
     )
@@ -173,8 +203,16 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
         int8_options: dict[str, Any] = {"int8_selection": config.int8_selection}
         if config.int8_target is not None:
             int8_options["int8_target"] = config.int8_target
+        # The precision step's scratch files live inside tmp: an interrupted build (the CLI's
+        # signal handler removes tmp) leaves nothing behind.
         precision_info = apply_precision(
-            config.onnx_path, typed, config.precision, backend, calibration, **int8_options
+            config.onnx_path,
+            typed,
+            config.precision,
+            backend,
+            calibration,
+            work_dir=tmp,
+            **int8_options,
         )
         timings["precision_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -203,6 +241,9 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
             source_onnx_sha256=sha256_file(config.onnx_path),
             versions={**backend_info.pop("versions", {}), "trtpipe": __version__},
             device=backend_info.pop("device", {}),
+            cpu_int8_family=precision_info.get("cpu_family") or ""
+            if backend == "onnxruntime" and config.precision == "int8"
+            else "",
             build_options={
                 "precision": precision_info,
                 "workspace_mb": config.workspace_mb,

@@ -14,6 +14,32 @@ from trtpipe.runners.base import ManifestRunner
 
 log = logging.getLogger(__name__)
 
+# Engine dirs already warned about running on another int8 kernel family (one warning each).
+_WARNED_FAMILY: set[str] = set()
+
+
+def warn_if_other_int8_family(engine: EngineDir) -> str | None:
+    """Log once per engine when an int8 CPU engine runs on a CPU of another int8 kernel family.
+
+    Its accuracy was measured with the build machine's int8 kernels (``cpu_int8_family`` in the
+    manifest); other kernels round differently (trtpipe.cpu_features). Returns the warning.
+    """
+    from trtpipe.cpu_features import int8_kernel_family
+
+    built_on = engine.manifest.cpu_int8_family
+    here = int8_kernel_family()
+    key = str(engine.path.resolve())
+    if not built_on or built_on == here or key in _WARNED_FAMILY:
+        return None
+    _WARNED_FAMILY.add(key)
+    message = (
+        f"{engine.path} is an int8 engine built and calibrated on a CPU with {built_on} int8 "
+        f"kernels; this CPU uses {here} kernels, which round differently: check its accuracy "
+        f"here with trtpipe compare {engine.path}, or rebuild it on this machine"
+    )
+    log.warning(message)
+    return message
+
 
 def session_options(threads: int | None = None) -> Any:
     """Session options shared by the builder and the runner (graph already optimized offline)."""
@@ -70,6 +96,8 @@ class OnnxRuntimeRunner(ManifestRunner):
             raise RunnerError(f"cannot load {self.engine.engine_path}: {exc}") from exc
         if self.device.is_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
             raise BackendUnavailableError(f"CUDA EP failed to initialise on {self.device}")
+        # Also on a GPU: ONNX Runtime runs the int8 contrib ops on the CPU.
+        warn_if_other_int8_family(self.engine)
         self.loaded = True
         log.debug("loaded %s on %s", self.engine.path, self.device)
 
