@@ -211,8 +211,22 @@ def test_online_sweep_against_a_real_server(tiny_bert_engine: Path, tmp_path: Pa
         assert online["overhead_p50_ms"] == pytest.approx(
             levels[0]["latency_ms"]["p50_ms"] - online["offline"]["direct_p50_ms"]
         )
-        wrong = run_cli("--url", f"127.0.0.1:{server.server.http_port}", "--model", "nope")
-        assert wrong.exit_code == 2 and "not ready" in wrong.output
+        url = f"127.0.0.1:{server.server.http_port}"
+        wrong = CliRunner().invoke(cli, ["bench", "--url", url, "--model", "nope"])
+        assert wrong.exit_code == 2 and "Traceback" not in wrong.output
+        assert f"error: model 'nope' is not served by {url}: " in wrong.output
+        assert "['tiny']" in wrong.output  # the server's list of what it serves
+        # Past the model's 64 positions: the server's 400, said once (was a 53-line traceback).
+        too_long = CliRunner().invoke(
+            cli,
+            ["bench", "--url", url, "--model", "tiny", "--seq-len", "500", "--concurrency", "1"],
+        )
+        assert too_long.exit_code == 2 and "Traceback" not in too_long.output
+        lines = too_long.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: {url} refused a request of 500 tokens for model 'tiny': "
+        )
+        assert "1..64" in lines[0] and lines[0].endswith("; lower --seq-len")
     finally:
         server.stop()
 
@@ -225,7 +239,9 @@ def test_online_without_a_server_is_a_clear_error() -> None:
     assert "cannot reach a server" in result.output
 
 
-def test_generation_mode_against_hf_generate(tmp_path: Path) -> None:
+def test_generation_mode_against_hf_generate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.decoders import save_tiny_llama
     from trtpipe.build import BuildConfig, build_engine_dir
     from trtpipe.export import export_model
@@ -256,7 +272,47 @@ def test_generation_mode_against_hf_generate(tmp_path: Path) -> None:
             row["engine_tokens_per_s"] / row["baseline_tokens_per_s"]
         )
         assert row["engine"]["ttft_ms_p50"] > 0
+        # An fp32 engine's greedy tokens are HF's, batched or not: the speedup is like for like.
+        assert row["tokens_match_hf"] is True
+        assert row["token_agreement"] == {"match": True, "fraction": 1.0, "first_mismatch": None}
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "tokens = HF" in result.output and "yes" in result.output
+
+    # --baseline none: the engine alone; HF generate must not even be loaded.
+    import trtpipe.generation.bench as generation_bench
+
+    def no_hf(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--baseline none ran the HF baseline")
+
+    monkeypatch.setattr(generation_bench, "hf_generate_baseline", no_hf)
+    alone = tmp_path / "alone.json"
+    result = run_cli(
+        str(engine), "--generate", "--prompts-file", str(prompts), "--max-new-tokens", "4",
+        "--baseline", "none", "--runs", "1", "--warmup", "0", "--json", str(alone),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(alone.read_text())
+    (row,) = report["generation"]["rows"]
+    assert row["engine"]["generated_tokens"] == 3 * 4 and row["engine_tokens_per_s"] > 0
+    assert row["baseline"] is None and row["speedup"] is None and row["tokens_match_hf"] is None
+    assert report["settings"]["baseline"] is None
+
+
+def test_token_agreement_figures() -> None:
+    from trtpipe.generation.bench import token_agreement
+
+    same = token_agreement([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 5]])
+    assert same == {"match": True, "fraction": 1.0, "first_mismatch": None}
+    parted = token_agreement([[1, 2, 3], [4, 9, 6, 7]], [[1, 2, 3], [4, 5, 6, 7]])
+    assert parted == {
+        "match": False,
+        "fraction": 6 / 7,
+        "first_mismatch": {"prompt": 1, "token": 1},
+    }
+    short = token_agreement([[1, 2]], [[1, 2, 3]])
+    assert short == {"match": False, "fraction": 2 / 3, "first_mismatch": {"prompt": 0, "token": 2}}
+    with pytest.raises(ValueError, match="1 engine rows vs 2 reference rows"):
+        token_agreement([[1]], [[1], [2]])
 
 
 def test_generation_mode_needs_a_decoder(tiny_bert_engine: Path) -> None:

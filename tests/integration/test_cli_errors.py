@@ -133,3 +133,109 @@ def test_broken_engine_dirs(tiny_bert_engine: Path, tmp_path: Path):
     assert code == 2 and "is not valid JSON" in out
     code, out = invoke("inspect", str(tmp_path / "missing"))
     assert code == 2 and "is not an engine directory" in out
+
+
+def error_line(out: str) -> str:
+    """The one ``error:`` line (and no traceback) a user mistake gets."""
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out
+    return errors[0]
+
+
+def test_two_precisions_name_both_flags(tiny_bert_onnx: Path, tmp_path: Path):
+    out_dir = str(tmp_path / "engine")
+    code, out = invoke("build", str(tiny_bert_onnx), "--fp16", "--int8", "-o", out_dir)
+    assert code == 2
+    assert error_line(out) == (
+        "error: --fp16 and --int8 both given: choose one precision per engine dir"
+    )
+    code, out = invoke("build", str(tiny_bert_onnx), "--int8", "--fp32", "--fp16", "-o", out_dir)
+    assert code == 2 and "--fp16 and --int8 and --fp32 both given" in error_line(out)
+    assert leftovers(tmp_path) == []
+
+
+def test_options_of_another_precision_or_backend(tiny_bert_onnx: Path, tmp_path: Path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("A sentence.\n")
+    out_dir = str(tmp_path / "engine")
+    code, out = invoke("build", str(tiny_bert_onnx), "--calib", str(calib), "-o", out_dir)
+    assert code == 2
+    assert error_line(out) == (
+        "error: --calib is for --fp16 or --int8 builds; fp32 needs no calibration"
+    )
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--fp16", "--int8-target", "0.99", "-o", out_dir
+    )
+    assert code == 2
+    assert error_line(out) == "error: --int8-target applies to --int8 builds only (this is fp16)"
+    code, out = invoke("build", str(tiny_bert_onnx), "--int8-select", "proxy", "-o", out_dir)
+    assert code == 2 and "--int8-select applies to --int8 builds only" in error_line(out)
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--backend", "onnxruntime", "--opt-level", "5",
+        "--timing-cache", str(tmp_path / "cache.bin"), "-o", out_dir,
+    )  # fmt: skip
+    assert code == 2
+    assert error_line(out) == (
+        "error: --opt-level, --timing-cache: TensorRT options, but --backend is onnxruntime"
+    )
+    assert leftovers(tmp_path) == ["calib.txt"]
+
+
+def test_output_that_cannot_be_written(tiny_bert_onnx: Path, tiny_bert_dir: Path, tmp_path: Path):
+    """Used to be a FileNotFoundError traceback from deep in the build, after the work."""
+    for command, source in (("build", tiny_bert_onnx), ("export", tiny_bert_dir)):
+        code, out = invoke(command, str(source), "-o", "/proc/trtpipe-engine")
+        assert code == 2, command
+        assert error_line(out).startswith("error: -o /proc/trtpipe-engine: cannot write in /proc (")
+        assert "building" not in out and "exporting" not in out  # refused before any work
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, out = invoke("build", str(tiny_bert_onnx), "-o", str(blocker / "engine"))
+    assert code == 2 and f"{blocker} is a file, not a directory" in error_line(out)
+    code, out = invoke("build", str(tiny_bert_onnx), "-o", str(blocker))
+    assert code == 2 and "exists and is not a directory" in error_line(out)
+    assert leftovers(tmp_path) == ["file"]
+    assert not [p for p in Path("/proc").glob(".trtpipe-engine*")]
+
+
+def test_conflicting_max_shapes_name_both_inputs(tiny_bert_onnx: Path, tmp_path: Path):
+    out_dir = str(tmp_path / "engine")
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--max-shapes", "input_ids:8x64,attention_mask:4x64",
+        "-o", out_dir,
+    )  # fmt: skip
+    assert code == 2
+    assert error_line(out) == (
+        "error: --max-shapes gives input_ids batch 8 but attention_mask batch 4; "
+        "inputs sharing the batch dim must agree"
+    )
+    code, out = invoke(
+        "build", str(tiny_bert_onnx), "--opt-shapes", "input_ids:4x16,input_ids:4x32", "-o", out_dir
+    )
+    assert code == 2 and "input_ids given twice" in error_line(out)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--concurrency", "4"], "--concurrency applies to the online mode (--url), not to the "
+         "offline mode (ENGINE_DIR)"),
+        (["--max-new-tokens", "8"], "--max-new-tokens applies to the generation mode"),
+        (["--generate", "--texts", "x.txt"], "--texts applies to the offline mode (ENGINE_DIR), "
+         "not to the generation mode (--generate)"),
+        (["--url", "127.0.0.1:9", "--model", "m"], "give the served engine as --engine-dir"),
+        (["--url", "127.0.0.1:9", "--generate"], "give one of them"),
+        (["--text-limit", "0"], "Invalid value for '--text-limit'"),
+        (["--scaling-batches", "0"], "Invalid value for '--scaling-batches'"),
+    ],
+)  # fmt: skip
+def test_bench_options_of_another_mode(
+    tiny_bert_engine: Path, tmp_path: Path, args: list[str], message: str
+):
+    report = tmp_path / "r.json"
+    code, out = invoke("bench", str(tiny_bert_engine), *args, "--json", str(report))
+    assert code == 2 and message in out, out
+    assert "Traceback" not in out and "speedup" not in out  # refused before any work
+    assert leftovers(tmp_path) == []

@@ -46,3 +46,23 @@ def test_bad_ranges_and_unknown_names():
         build_profile(INPUTS, {"input_ids": [8, 1]}, {"input_ids": [4, 16]}, {})
     with pytest.raises(InputError, match="unknown input"):
         build_profile(INPUTS, {"token_type_ids": [1, 1]}, {}, {})
+
+
+def test_conflicting_entries_for_a_shared_dim_name_both():
+    """attention_mask shares input_ids' batch and sequence dims: 8 vs 4 would use one of them."""
+    with pytest.raises(InputError) as caught:
+        build_profile(INPUTS, {}, {}, {"input_ids": [8, 64], "attention_mask": [4, 64]})
+    assert str(caught.value) == (
+        "--max-shapes gives input_ids batch 8 but attention_mask batch 4; "
+        "inputs sharing the batch dim must agree"
+    )
+    with pytest.raises(InputError, match="--opt-shapes gives input_ids sequence 16 but"):
+        build_profile(INPUTS, {}, {"input_ids": [4, 16], "attention_mask": [4, 32]}, {})
+    # Agreeing entries are fine, and the same input twice must agree too.
+    profile = build_profile(INPUTS, {}, {}, {"input_ids": [8, 64], "attention_mask": [8, 64]})
+    assert profile["attention_mask"].max == [8, 64] and profile["input_ids"].max == [8, 64]
+    with pytest.raises(
+        InputError, match=r"input_ids given twice \(input_ids:8x64 and input_ids:4x64\)"
+    ):
+        parse_shapes("input_ids:8x64,input_ids:4x64")
+    assert parse_shapes("input_ids:8x64,input_ids:8x64") == {"input_ids": [8, 64]}

@@ -116,12 +116,31 @@ async def _connect(client: Any, config: OnlineConfig) -> dict[str, Any]:
     if not ready:
         raise InputError(f"the server at {config.url} is not ready")
     if not await client.is_model_ready(config.model):
-        raise InputError(
-            f"model {config.model!r} is not ready on {config.url}; check the name "
-            f"(GET /v2/repository/index or the serve log)"
-        )
+        raise InputError(await _why_not_ready(client, config))
     metadata: dict[str, Any] = await client.get_model_metadata(config.model)
     return metadata
+
+
+async def _why_not_ready(client: Any, config: OnlineConfig) -> str:
+    """The server's own reason (unknown name, a text-generation engine), said for this command."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        await client.get_model_metadata(config.model)
+    except InferenceServerException as exc:
+        reason = exc.message() or str(exc)
+    else:
+        return (
+            f"model {config.model!r} on {config.url} is loaded but not ready (its devices are "
+            "failing or it is still loading); see the serve log"
+        )
+    if "text-generation" in reason:
+        return (
+            f"model {config.model!r} on {config.url} is a text-generation engine; the online "
+            "bench sends tensor requests to KServe v2 infer. Benchmark it with "
+            "trtpipe bench ENGINE_DIR --generate"
+        )
+    return f"model {config.model!r} is not served by {config.url}: {reason}"
 
 
 async def _level(
@@ -134,12 +153,21 @@ async def _level(
     from tritonclient.utils import InferenceServerException
 
     # Warm-up: one request per client, not counted, so connections exist before timing.
-    await asyncio.gather(
-        *(
-            client.infer(config.model, payloads[i % len(payloads)], outputs=outputs)
-            for i in range(concurrency)
+    # A refusal here is the request itself (shape, length): the same for every request.
+    try:
+        await asyncio.gather(
+            *(
+                client.infer(config.model, payloads[i % len(payloads)], outputs=outputs)
+                for i in range(concurrency)
+            )
         )
-    )
+    except InferenceServerException as exc:
+        reason = exc.message() or str(exc)
+        raise InputError(
+            f"{config.url} refused a request of {config.seq_len} tokens for model "
+            f"{config.model!r}: {reason}"
+            + ("; lower --seq-len" if "profile" in reason or "length" in reason else "")
+        ) from exc
     before = _model_stats(await client.get_inference_statistics(config.model), config.model)
     latencies: list[float] = []
     errors: list[str] = []

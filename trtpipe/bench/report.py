@@ -220,6 +220,7 @@ def generation_table(result: dict[str, Any]) -> str:
         "speedup",
         "engine TTFT p50 ms",
         "HF TTFT p50 ms",
+        "tokens = HF",
     ]
     body = [
         [
@@ -228,13 +229,22 @@ def generation_table(result: dict[str, Any]) -> str:
             _f(row["baseline_tokens_per_s"]),
             _x(row["speedup"]),
             _f(row["engine"]["ttft_ms_p50"], 1),
-            _f(row["baseline"]["ttft_ms_p50"], 1),
+            _f((row.get("baseline") or {}).get("ttft_ms_p50"), 1),
+            _agreement(row.get("token_agreement")),
         ]
         for row in result["rows"]
     ]
     return table(body, header) + (
         f"\n{result['prompts']} prompts, {result['max_new_tokens']} new tokens each (greedy)"
     )
+
+
+def _agreement(tokens: dict[str, Any] | None) -> str:
+    if not tokens:
+        return "-"
+    if tokens["match"]:
+        return "yes"
+    return f"no ({100 * tokens['fraction']:.0f}% equal)"
 
 
 def gate_line(gate: dict[str, Any]) -> str:
@@ -354,10 +364,9 @@ def _plot_online(ax: Any, result: dict[str, Any], engine_label: str) -> None:
 def _plot_generation(ax: Any, result: dict[str, Any], engine_label: str) -> None:
     rows = result.get("rows", [])
     labels = [str(r.get("batch_size", "?")) for r in rows]
-    series = {
-        engine_label: [float(r.get("engine_tokens_per_s") or 0) for r in rows],
-        "HF generate": [float(r.get("baseline_tokens_per_s") or 0) for r in rows],
-    }
+    series = {engine_label: [float(r.get("engine_tokens_per_s") or 0) for r in rows]}
+    if any(r.get("baseline_tokens_per_s") for r in rows):
+        series["HF generate"] = [float(r.get("baseline_tokens_per_s") or 0) for r in rows]
     _bars(ax, labels, series, "new tokens/s")
     ax.set_xlabel("batch size")
     ax.set_title("generation", fontsize=10)

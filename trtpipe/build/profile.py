@@ -28,6 +28,7 @@ ONNX_TO_NUMPY = {
 DEFAULT_BATCH = (1, 8, 32)
 DEFAULT_SEQUENCE = (1, 128, 512)
 DEFAULT_PAST = (0, 128, 512)
+PROFILE_OPTIONS = ("--min-shapes", "--opt-shapes", "--max-shapes")
 
 
 def dim_kind(name: str) -> str:
@@ -94,6 +95,11 @@ def parse_shapes(text: str | None) -> dict[str, list[int]]:
             values = []
         if not sep or not name or not values or any(v < 0 for v in values):
             raise InputError(f"bad shape {item!r}: use name:BxS, e.g. input_ids:8x128")
+        if name in shapes and shapes[name] != values:
+            first = "x".join(map(str, shapes[name]))
+            raise InputError(
+                f"{name} given twice ({name}:{first} and {item.strip()}); give it once"
+            )
         shapes[name] = values
     return shapes
 
@@ -136,7 +142,8 @@ def build_profile(
         for kind in ("sequence", "past"):
             ranges[kind][2] = min(ranges[kind][2], position_limit)
             ranges[kind][1] = min(ranges[kind][1], ranges[kind][2])
-    given_kinds: set[tuple[str, int]] = set()
+    # (kind, slot) -> the input that set it: two inputs sharing a dim must give the same size.
+    set_by: dict[tuple[str, int], str] = {}
     for slot, given in enumerate((min_shapes, opt_shapes, max_shapes)):
         for spec in inputs:
             if spec.name not in given:
@@ -148,9 +155,17 @@ def build_profile(
                     f"the input has {len(spec.shape)}"
                 )
             for kind, value in zip(spec.dims, values, strict=True):
-                if kind in ranges:
-                    ranges[kind][slot] = value
-                    given_kinds.add((kind, slot))
+                if kind not in ranges:
+                    continue
+                first = set_by.setdefault((kind, slot), spec.name)
+                if first != spec.name and ranges[kind][slot] != value:
+                    option = PROFILE_OPTIONS[slot]
+                    raise InputError(
+                        f"{option} gives {first} {kind} {ranges[kind][slot]} but "
+                        f"{spec.name} {kind} {value}; inputs sharing the {kind} dim must agree"
+                    )
+                ranges[kind][slot] = value
+    given_kinds = set(set_by)
     for kind, values in ranges.items():
         # A default opt outside a user-given max/min follows it instead of failing.
         if (kind, 1) not in given_kinds:

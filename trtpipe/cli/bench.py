@@ -36,12 +36,12 @@ PATH = click.Path(path_type=Path)
 @click.option("--texts", type=PATH, help="Real text, one per line: end-to-end sentences/s.")
 @click.option(
     "--text-runs",
-    type=int,
+    type=click.IntRange(1),
     default=3,
     show_default=True,
     help="Whole passes over --texts per side.",
 )
-@click.option("--text-limit", type=int, help="Use only the first N texts.")
+@click.option("--text-limit", type=click.IntRange(1), help="Use only the first N texts.")
 @click.option(
     "--sorted-baseline",
     is_flag=True,
@@ -50,7 +50,11 @@ PATH = click.Path(path_type=Path)
 @click.option("--devices", help="Scaling over CPU workers / devices: cpu:2, cpu:1,cpu:2.")
 @click.option("--gpus", help="Scaling over GPUs: 0 / 0,1 / 0,1,2,3.")
 @click.option(
-    "--scaling-batches", type=int, default=8, show_default=True, help="Batches per scaling run."
+    "--scaling-batches",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Batches per scaling run.",
 )
 @click.option("--gate", is_flag=True, help="Run the accuracy gate first and report it.")
 @click.option("--gate-report", type=PATH, help="A compare --json report for this engine.")
@@ -65,22 +69,33 @@ PATH = click.Path(path_type=Path)
 @click.option(
     "--requests",
     "max_requests",
-    type=int,
+    type=click.IntRange(1),
     default=1000,
     show_default=True,
     help="Online mode: at most this many requests per level.",
 )
 @click.option(
     "--duration",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=10.0,
     show_default=True,
     help="Online mode: at most this many seconds per level.",
 )
 @click.option(
-    "--seq-len", type=int, default=128, show_default=True, help="Online mode: tokens per request."
+    "--seq-len",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Online mode: tokens per request.",
 )
 @click.option("--outputs", help="Online mode: outputs to request (default: all).")
+@click.option(
+    "--protocols",
+    default="openai",
+    show_default=True,
+    help="Online mode with --texts: openai, v2-text, v2-tokens, grpc-text, grpc-tokens.",
+)
+@click.option("--grpc-url", help="Online mode with --texts: the server's gRPC HOST:PORT.")
 @click.option(
     "--engine-dir",
     "served_engine",
@@ -89,7 +104,13 @@ PATH = click.Path(path_type=Path)
 )
 @click.option("--generate", is_flag=True, help="Generation mode: tokens/s and TTFT vs HF.")
 @click.option("--prompts-file", type=PATH, help="Generation mode: prompts, one per line.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Generation mode: new tokens per prompt.",
+)
 @click.option("--json", "json_path", type=PATH, help="Write every figure and the machine.")
 @click.option("--plot", "plot_path", type=PATH, help="Write a PNG plot.")
 def command(engine_dir: Path | None, **options: Any) -> None:
@@ -99,6 +120,7 @@ def command(engine_dir: Path | None, **options: Any) -> None:
     from trtpipe.jsonfile import check_writable, write_json
 
     json_path, plot_path = options.pop("json_path"), options.pop("plot_path")
+    _check_mode_options(engine_dir, options)
     if json_path:
         check_writable(json_path)
     if plot_path:
@@ -147,6 +169,77 @@ def command(engine_dir: Path | None, **options: Any) -> None:
         click.echo(f"wrote {plot_path}")
 
 
+# Options that only one or two of the modes read: given in another mode they would be ignored.
+MODE_OPTIONS = {
+    "online": {
+        "model": "--model",
+        "concurrency": "--concurrency",
+        "max_requests": "--requests",
+        "duration": "--duration",
+        "seq_len": "--seq-len",
+        "outputs": "--outputs",
+        "served_engine": "--engine-dir",
+        "protocols": "--protocols",
+        "grpc_url": "--grpc-url",
+    },
+    "generation": {"prompts_file": "--prompts-file", "max_new_tokens": "--max-new-tokens"},
+    "offline": {
+        "seq_lens": "--seq-lens",
+        "text_runs": "--text-runs",
+        "sorted_baseline": "--sorted-baseline",
+        "devices": "--devices",
+        "gpus": "--gpus",
+        "scaling_batches": "--scaling-batches",
+        "gate": "--gate",
+        "gate_report": "--gate-report",
+    },
+    # --texts online: batch-1 requests of real sentences (trtpipe.bench.served_text).
+    "offline+online": {"texts": "--texts", "text_limit": "--text-limit"},
+    "offline+generation": {
+        "baseline": "--baseline",
+        "batch_sizes": "--batch-sizes",
+        "warmup": "--warmup",
+        "device": "--device",
+        "reference": "--reference",
+    },
+}
+
+
+def _check_mode_options(engine_dir: Path | None, options: dict[str, Any]) -> None:
+    """One mode per run (online with --url, generation with --generate, offline otherwise);
+    an option of another mode is a mistake to name, not something to ignore."""
+    from click.core import ParameterSource
+
+    from trtpipe.errors import InputError
+
+    if options["url"] and options["generate"]:
+        raise InputError(
+            "--url benchmarks a server's tensor models; --generate benchmarks a text-generation "
+            "ENGINE_DIR: give one of them"
+        )
+    mode = "online" if options["url"] else "generation" if options["generate"] else "offline"
+    if mode == "online" and engine_dir is not None:
+        raise InputError(
+            f"--url benchmarks a running server; give the served engine as --engine-dir "
+            f"{engine_dir} (for the offline comparison), or drop --url to benchmark it offline"
+        )
+    ctx = click.get_current_context()
+    for modes, params in MODE_OPTIONS.items():
+        if mode in modes.split("+"):
+            continue
+        for param, option in params.items():
+            if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
+                where = " or ".join(MODE_NAMES[m] for m in modes.split("+"))
+                raise InputError(f"{option} applies to {where}, not to {MODE_NAMES[mode]}")
+
+
+MODE_NAMES = {
+    "online": "the online mode (--url)",
+    "generation": "the generation mode (--generate)",
+    "offline": "the offline mode (ENGINE_DIR)",
+}
+
+
 def _ints(text: str | None, option: str) -> list[int] | None:
     from trtpipe.bench.common import parse_int_list
 
@@ -159,6 +252,8 @@ def _online(options: dict[str, Any]) -> dict[str, Any]:
 
     if not options["model"]:
         raise InputError("--url needs --model NAME (the model's name on the server)")
+    if options["texts"]:
+        return _served_text(options)
     concurrency = _ints(options["concurrency"], "--concurrency")
     assert concurrency is not None
     config = OnlineConfig(
@@ -176,6 +271,35 @@ def _online(options: dict[str, Any]) -> dict[str, Any]:
     return run_online(config)
 
 
+def _served_text(options: dict[str, Any]) -> dict[str, Any]:
+    """--url with --texts: batch-1 requests of real sentences, beside the engine offline."""
+    from trtpipe.bench.served_text import ServedTextConfig, run_served_text
+    from trtpipe.errors import InputError
+    from trtpipe.text import read_texts
+
+    if not options["served_engine"]:
+        raise InputError("--url with --texts needs --engine-dir (the served engine, offline)")
+    texts = read_texts(options["texts"])
+    if options["text_limit"]:
+        texts = texts[: options["text_limit"]]
+    concurrency = _ints(options["concurrency"], "--concurrency")
+    assert concurrency is not None
+    return run_served_text(
+        ServedTextConfig(
+            url=options["url"],
+            model=options["model"],
+            texts=texts,
+            engine_dir=options["served_engine"],
+            concurrency=concurrency,
+            protocols=[p.strip() for p in options["protocols"].split(",") if p.strip()],
+            grpc_url=options["grpc_url"],
+            max_requests=options["max_requests"],
+            duration_s=options["duration"],
+            threads=options["threads"],
+        )
+    )
+
+
 def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     from trtpipe.bench.generation import run_generation
 
@@ -188,4 +312,6 @@ def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
         warmup=options["warmup"],
         device=options["device"],
         reference=options["reference"],
+        threads=options["threads"],
+        baseline=options["baseline"],
     )

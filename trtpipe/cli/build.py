@@ -5,30 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from trtpipe.errors import InputError
 from trtpipe.export import TASKS
 
 
 @click.command("build")
 @click.argument("onnx_path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path))
-@click.option("--fp16", "precision", flag_value="fp16", help="FP16 via ModelOpt AutoCast.")
+@click.option("--fp16", is_flag=True, help="FP16 via ModelOpt AutoCast.")
 @click.option(
-    "--int8",
-    "precision",
-    flag_value="int8",
-    help="INT8 (Q/DQ for TensorRT; dynamic int8 on ONNX Runtime).",
+    "--int8", is_flag=True, help="INT8 (Q/DQ for TensorRT; dynamic int8 on ONNX Runtime)."
 )
-@click.option("--fp32", "precision", flag_value="fp32", default=True, help="FP32 (default).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration texts, one a line.")
+@click.option("--fp32", is_flag=True, help="FP32 (the default).")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Calibration texts, one a line (--fp16 reference inputs, --int8 calibration).",
+)
 @click.option(
     "--int8-select",
     "int8_selection",
     type=click.Choice(["greedy", "proxy"]),
-    default="greedy",
-    show_default=True,
+    default=None,
     help="ONNX Runtime INT8: keep in fp32 the nodes that hurt the outputs most (greedy, "
-    "measured end to end) or those with the largest local INT8 error (proxy, faster build).",
+    "measured end to end) or those with the largest local INT8 error (proxy, faster build) "
+    "[default: greedy].",
 )
 @click.option(
     "--int8-target",
@@ -70,9 +73,11 @@ from trtpipe.export import TASKS
 def command(
     onnx_path: Path,
     output: Path,
-    precision: str,
+    fp16: bool,
+    int8: bool,
+    fp32: bool,
     calib: Path | None,
-    int8_selection: str,
+    int8_selection: str | None,
     int8_target: float | None,
     backend: str,
     device: str | None,
@@ -87,10 +92,15 @@ def command(
     """Build an engine directory from ONNX_PATH (an ``export`` output)."""
     from trtpipe.build import BuildConfig, build_engine_dir, resolve_backend
     from trtpipe.build.profile import parse_shapes
+    from trtpipe.cli.logs import quiet_modelopt
+    from trtpipe.cli.paths import check_output_dir
     from trtpipe.devices import Device, parse_device, require_visible
     from trtpipe.text import read_texts
 
+    precision = _precision(fp16=fp16, int8=int8, fp32=fp32)
+    _check_precision_options(precision, calib, int8_selection, int8_target)
     chosen = resolve_backend(backend)
+    _check_tensorrt_options(chosen, backend)
     target = (
         parse_device(device)
         if device
@@ -98,6 +108,7 @@ def command(
     )
     if device:
         require_visible(target)
+    check_output_dir(output)
     config = BuildConfig(
         onnx_path=onnx_path,
         output=output,
@@ -112,9 +123,54 @@ def command(
         timing_cache=timing_cache,
         device=target,
         task=task,
-        int8_selection=int8_selection,
+        int8_selection=int8_selection or "greedy",
         int8_target=int8_target,
     )
+    if precision == "fp16" or (precision == "int8" and chosen == "tensorrt"):
+        quiet_modelopt()  # the precision step runs ModelOpt
     click.echo(f"building {precision} engine for {chosen} ...", err=True)
     engine = build_engine_dir(config)
     click.echo(f"wrote {engine.path} ({engine.manifest.backend}, {engine.manifest.precision})")
+
+
+def _precision(**flags: bool) -> str:
+    """One of --fp32/--fp16/--int8 (fp32 when none): two would silently build only the last."""
+    given = [name for name, on in flags.items() if on]
+    if len(given) > 1:
+        named = " and ".join(f"--{name}" for name in given)
+        raise InputError(f"{named} both given: choose one precision per engine dir")
+    return given[0] if given else "fp32"
+
+
+def _check_precision_options(
+    precision: str, calib: Path | None, selection: str | None, target: float | None
+) -> None:
+    """Options that only the other precisions read are a mistake, not something to ignore."""
+    if calib is not None and precision == "fp32":
+        raise InputError("--calib is for --fp16 or --int8 builds; fp32 needs no calibration")
+    for option, value in (("--int8-select", selection), ("--int8-target", target)):
+        if value is not None and precision != "int8":
+            raise InputError(f"{option} applies to --int8 builds only (this is {precision})")
+
+
+def _check_tensorrt_options(chosen: str, asked: str) -> None:
+    """TensorRT-only options: an error with --backend onnxruntime, a note when auto chose it."""
+    if chosen == "tensorrt":
+        return
+    ctx = click.get_current_context()
+    given = [
+        option
+        for option, param in (
+            ("--workspace-mb", "workspace_mb"),
+            ("--opt-level", "optimization_level"),
+            ("--timing-cache", "timing_cache"),
+        )
+        if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE
+    ]
+    if not given:
+        return
+    if asked == "onnxruntime":
+        raise InputError(f"{', '.join(given)}: TensorRT options, but --backend is onnxruntime")
+    click.echo(
+        f"note: {', '.join(given)} ignored: no TensorRT here, building for onnxruntime", err=True
+    )

@@ -20,10 +20,14 @@ import click
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass in (0, 1].")
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("--ignore-eos", is_flag=True, help="Always generate max-new-tokens tokens.")
-@click.option("--batch-size", type=int, help="Prompts per launch (default: engine maximum).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    help="Prompts per launch (default: engine maximum).",
+)
 @click.option("--gpus", help="GPU indices, e.g. 0,1 (prompt chunks dealt round-robin).")
 @click.option("--devices", help="Devices, e.g. cpu:2 or cuda:0,cuda:1.")
-@click.option("--threads", type=int, help="CPU threads per ONNX Runtime worker.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads per ONNX Runtime worker.")
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write results and timings."
 )

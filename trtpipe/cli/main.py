@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -98,12 +97,10 @@ def _exit_cleanly_on_signals() -> dict[int, Any]:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
     """trtpipe: Hugging Face model -> ONNX -> FP16/INT8 -> engine -> accuracy gate -> serve."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose >= 2 else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("trtpipe").setLevel(logging.DEBUG if verbose else logging.INFO)
+    from trtpipe.cli.logs import configure_logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_logging(verbose)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ def benchmark_generation(
             generator.run(prompts, params, batch_size)
         rates, walls, ttfts = [], [], []
         tokens = 0
+        token_ids: list[list[int]] = []
         for _ in range(runs):
             run = generator.run(prompts, params, batch_size)
             rates.append(run.tokens_per_s)
             walls.append(run.wall_s)
             ttfts.extend(run.ttft_s)
             tokens = run.generated_tokens
+            token_ids = [list(r.token_ids) for r in run.results]
     return {
         "backend": "engine",
         "engine": str(engine_dir),
@@ -53,6 +55,7 @@ def benchmark_generation(
         "max_new_tokens": max_new_tokens,
         "generated_tokens": tokens,
         "runs": runs,
+        "token_ids": token_ids,
         **timing_summary(rates, walls, ttfts),
     }
 
@@ -69,6 +72,8 @@ def hf_generate_baseline(
     """PyTorch eager ``model.generate`` (greedy, left padding): the baseline users start from.
 
     TTFT is the time of a ``max_new_tokens=1`` generate on the same batch (prefill + 1 token).
+    EOS neither stops nor is suppressed (``eos_token_id=None``), as on the engine side with
+    ``ignore_eos``, so both sides pick the same argmax at every step and their tokens compare.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,16 +91,16 @@ def hf_generate_baseline(
             (torch.from_numpy(padded_ids).to(device), torch.from_numpy(padded_mask).to(device))
         )
 
-    def generate(ids: Any, mask: Any, new_tokens: int) -> int:
+    def generate(ids: Any, mask: Any, new_tokens: int) -> list[list[int]]:
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
             do_sample=False,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            eos_token_id=None,
             pad_token_id=pad,
         )
-        return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+        return [list(map(int, row)) for row in out[:, ids.shape[1] :].tolist()]
 
     with torch.inference_mode():
         for _ in range(warmup):
@@ -103,10 +108,14 @@ def hf_generate_baseline(
                 generate(ids, mask, max_new_tokens)
         rates, walls, ttfts = [], [], []
         tokens = 0
+        token_ids: list[list[int]] = []
         for _ in range(runs):
             start = time.perf_counter()
-            tokens = sum(generate(ids, mask, max_new_tokens) for ids, mask in batches)
+            token_ids = [
+                row for ids, mask in batches for row in generate(ids, mask, max_new_tokens)
+            ]
             wall = time.perf_counter() - start
+            tokens = sum(len(row) for row in token_ids)
             rates.append(tokens / wall)
             walls.append(wall)
             for ids, mask in batches:
@@ -122,7 +131,35 @@ def hf_generate_baseline(
         "max_new_tokens": max_new_tokens,
         "generated_tokens": tokens,
         "runs": runs,
+        "token_ids": token_ids,
         **timing_summary(rates, walls, ttfts),
+    }
+
+
+def token_agreement(
+    engine: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]
+) -> dict[str, Any]:
+    """How far the engine's greedy tokens equal the reference's, prompt by prompt.
+
+    ``match`` is exact equality of every prompt's tokens; ``fraction`` counts equal tokens at
+    equal positions (a missing token counts as unequal); ``first_mismatch`` is the earliest
+    (prompt, token) where they part, or None.
+    """
+    if len(engine) != len(reference):
+        raise ValueError(f"{len(engine)} engine rows vs {len(reference)} reference rows")
+    equal = total = 0
+    first: dict[str, int] | None = None
+    for prompt, (got, want) in enumerate(zip(engine, reference, strict=True)):
+        total += max(len(got), len(want))
+        same = [a == b for a, b in zip(got, want, strict=False)]
+        equal += sum(same)
+        if first is None and (not all(same) or len(got) != len(want)):
+            position = same.index(False) if not all(same) else min(len(got), len(want))
+            first = {"prompt": prompt, "token": position}
+    return {
+        "match": first is None,
+        "fraction": equal / total if total else 1.0,
+        "first_mismatch": first,
     }
 
 
