@@ -113,6 +113,11 @@ def test_cli_build_tensorrt(fake_gpu: FakeGpu, tiny_bert_onnx: Path, tmp_path: P
     assert manifest.profile["input_ids"].max == [4, 32]
     assert manifest.build_options["optimization_level"] == 2
     assert manifest.build_options["workspace_mb"] == 256
+    # What the builder itself received, not only what the manifest says.
+    (received,) = fake_gpu.trt.BUILDS
+    assert received["optimization_level"] == 2
+    assert received["workspace"] == 256 << 20
+    assert received["profile"]["input_ids"] == [[1, 1], [2, 16], [4, 32]]
 
 
 def test_cli_build_unsupported_op_is_one_clear_line(
@@ -174,7 +179,7 @@ def test_typed_graphs_build_and_run(
     assert ("QuantizeLinear" in op_types) == (precision == "int8")
 
     feeds = bert_feeds(4, 20)
-    with installed_fakes():
+    with installed_fakes() as gpu:
         engine = build_engine_dir(
             BuildConfig(
                 onnx_path=typed_dir / "model.onnx",
@@ -186,9 +191,59 @@ def test_typed_graphs_build_and_run(
         )
         with runner_for(engine, Device("cuda", 0)) as trt_runner:
             got = trt_runner.infer(feeds)["last_hidden_state"]
+        (received,) = gpu.trt.BUILDS
+    # The strongly typed network the builder got carries the precision; its I/O stays as the
+    # model's (int64 ids in, fp32 hidden states out).
+    graph = onnx.load_from_string(received["onnx_bytes"]).graph
+    assert received["inputs"] == dict.fromkeys(
+        ["input_ids", "attention_mask", "token_type_ids"], "INT64"
+    )
+    assert received["outputs"] == {"last_hidden_state": "FLOAT"}
+    fp16_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    ops = [node.op_type for node in graph.node]
+    if precision == "fp16":
+        assert len(fp16_weights) >= 10, len(fp16_weights)  # the MatMul weights at least
+        assert "QuantizeLinear" not in ops
+    else:
+        assert ops.count("QuantizeLinear") >= 6 and ops.count("DequantizeLinear") >= 6
     with OnnxRuntimeRunner(EngineDir(tiny_bert_engine), Device("cpu")) as reference:
         want = reference.infer(feeds)["last_hidden_state"]
     a, b = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert got.dtype == np.float32 and got.shape == (4, 20, 32)
     assert cosine.min() >= min_cosine, cosine.min()
+
+
+def test_fp32_build_of_a_model_with_external_data(
+    fake_gpu: FakeGpu, tiny_bert_onnx: Path, tiny_bert_engine: Path, tmp_path: Path
+):
+    """Weights in ``model.onnx_data`` (as every export over 2 GB has them): the TensorRT build
+    parses with the weights beside the graph, and the engine computes what ONNX Runtime does."""
+    import onnx
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_bert_onnx.parent, export)
+    model = onnx.load(str(export / "model.onnx"))
+    onnx.save_model(
+        model, str(export / "model.onnx"), save_as_external_data=True,
+        all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0,
+    )  # fmt: skip
+    assert (export / "model.onnx").stat().st_size < 100_000  # the graph only
+    assert (export / "model.onnx_data").stat().st_size > 100_000
+    engine = build_engine_dir(
+        BuildConfig(
+            onnx_path=export / "model.onnx",
+            output=tmp_path / "trt",
+            backend="tensorrt",
+            device=Device("cuda", 0),
+            max_shapes={"input_ids": [8, 64]},
+        )
+    )
+    assert not any(p.name.endswith("onnx_data") for p in engine.path.iterdir())
+    assert not any(p.name.startswith(".weights") for p in engine.path.iterdir())
+    feeds = bert_feeds(3, 17)
+    with runner_for(engine, Device("cuda", 0)) as trt_runner:
+        got = trt_runner.infer(feeds)["last_hidden_state"]
+    with OnnxRuntimeRunner(EngineDir(tiny_bert_engine), Device("cpu")) as reference:
+        want = reference.infer(feeds)["last_hidden_state"]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
