@@ -190,6 +190,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, work)
 
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        """Every served model with its state, as HTTP's ``/v2/repository/index`` lists them."""
+        response = service_pb2.RepositoryIndexResponse()
+        for entry in repository_index(self.repository):
+            if request.ready and entry["state"] != "READY":
+                continue
+            response.models.add(**entry)
+        return response
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
             model = self.repository.get(request.model_name, request.model_version)
@@ -206,6 +215,54 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 model.record(ok, started)
 
         return await self._guard(context, work)
+
+
+def repository_index(repository: ModelRepository) -> list[dict[str, str]]:
+    """name, version, state (READY / UNAVAILABLE) and reason of every served model."""
+    entries = [
+        {
+            "name": m.name,
+            "version": m.version,
+            "state": "READY" if m.ready else "UNAVAILABLE",
+            "reason": "" if m.ready else "no healthy device",
+        }
+        for m in repository
+    ]
+    entries += [
+        {"name": name, "version": "1", "state": "READY", "reason": ""}
+        for name in sorted(repository.generators)
+    ]
+    return sorted(entries, key=lambda e: e["name"])
+
+
+def _unsupported(method: str, what: str) -> Callable[..., Awaitable[Any]]:
+    """A servicer method that answers UNIMPLEMENTED in one line (the generated default raises
+    NotImplementedError, which grpc.aio logs with a traceback)."""
+
+    async def answer(self: Any, request: Any, context: Any) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method}: this server does not support {what}"
+        )
+
+    answer.__name__ = method
+    return answer
+
+
+UNSUPPORTED = {
+    "RepositoryModelLoad": "loading models at run time",
+    "RepositoryModelUnload": "unloading models at run time",
+    "SystemSharedMemoryRegister": "system shared memory",
+    "SystemSharedMemoryStatus": "system shared memory",
+    "SystemSharedMemoryUnregister": "system shared memory",
+    "CudaSharedMemoryRegister": "CUDA shared memory",
+    "CudaSharedMemoryStatus": "CUDA shared memory",
+    "CudaSharedMemoryUnregister": "CUDA shared memory",
+    "ModelStreamInfer": "streaming inference (use ModelInfer)",
+    "TraceSetting": "tracing",
+    "LogSettings": "log settings",
+}
+for _method, _what in UNSUPPORTED.items():
+    setattr(InferenceServicer, _method, _unsupported(_method, _what))
 
 
 def create_grpc_server(
