@@ -118,21 +118,25 @@ class Scheduler:
                 f"length {self.spec.max_total}; ask for at most {self.spec.max_total - length}"
             )
 
-    def submit(self, seq: Sequence) -> None:
-        """Queue ``seq``; its events go to its sink. Raises at once if it cannot be queued."""
-        self.check(seq)
+    def submit(self, *seqs: Sequence) -> None:
+        """Queue ``seqs`` together (all or none; the choices of one request, say); their events
+        go to their sinks. Raises at once if they cannot be queued."""
+        for seq in seqs:
+            self.check(seq)
         with self._cond:
             if not self._accepting:
-                self.stats.rejected += 1
+                self.stats.rejected += len(seqs)
                 raise BatcherStoppedError(f"{self.name} is draining or stopped; retry elsewhere")
-            if len(self._waiting) >= self.config.max_queue_size:
-                self.stats.rejected += 1
+            if len(self._waiting) + len(seqs) > self.config.max_queue_size:
+                self.stats.rejected += len(seqs)
                 raise QueueFullError(
                     f"{self.name}: {len(self._waiting)} requests already wait "
                     f"(max queue size {self.config.max_queue_size}); retry later"
                 )
-            seq.submitted = time.monotonic()
-            self._waiting.append(seq)
+            now = time.monotonic()
+            for seq in seqs:
+                seq.submitted = now
+                self._waiting.append(seq)
             self._cond.notify()
 
     @property
@@ -312,3 +316,5 @@ class Scheduler:
             if row.seq.accept(token, logits[i]):
                 row.live = False
                 self.stats.finished += 1
+        if not self.batch.live:  # every row finished: the cache is free
+            self.batch.rows, self.batch.width = [], 0
