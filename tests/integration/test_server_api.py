@@ -395,9 +395,13 @@ def test_statistics_and_metrics_agree(
 
 
 def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> None:
-    """Responses go out at once on a reused connection (TCP_NODELAY on accepted sockets)."""
+    """Responses go out at once on a reused connection: the server's accepted socket has
+    TCP_NODELAY (without it keep-alive clients wait ~40 ms per response, Nagle against delayed
+    ACKs). Checked on the socket itself, as a timing check flakes on a loaded machine."""
     import http.client
+    import os
     import socket
+    import stat
 
     from trtpipe.server.app import listen
 
@@ -405,18 +409,28 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> N
         assert sock.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY only then
     connection = http.client.HTTPConnection("127.0.0.1", server.server.http_port)
     connection.connect()
-    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     body = infer_body(good_tensors())
-    times = []
-    for _ in range(12):
-        started = time.perf_counter()
+    for _ in range(3):
         connection.request("POST", f"/v2/models/{MODEL}/infer", body=body)
         response = connection.getresponse()
         assert response.status == 200 and response.read()
-        times.append(time.perf_counter() - started)
+    # The server runs in this process: find its end of our connection among our descriptors.
+    client_end = connection.sock.getsockname()
+    server_ends = []
+    for fd in range(3, 4096):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+        except OSError:
+            continue
+        with socket.socket(fileno=os.dup(fd)) as candidate:
+            try:
+                if candidate.getpeername() == client_end:
+                    server_ends.append(candidate.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError:
+                continue
     connection.close()
-    # a delayed-ACK stall costs 40 ms per response; the tiny model needs ~1 ms
-    assert float(np.median(times[2:])) < 0.035, times
+    assert len(server_ends) == 1 and server_ends[0] != 0, server_ends
 
 
 def test_compressed_request_bodies(http: httpclient.InferenceServerClient, runner: Any) -> None:
