@@ -156,20 +156,36 @@ def test_onnxruntime_engine_is_refused(tiny_bert_engine: Path):
 def test_timing_cache_written_and_reused(
     trt_engine: EngineDir, timing_cache: Path, tiny_bert_onnx: Path, tmp_path: Path
 ):
-    size = timing_cache.stat().st_size
-    assert size > 0
-    build_engine_dir(
-        BuildConfig(
-            onnx_path=tiny_bert_onnx,
-            output=tmp_path / "again",
-            backend="tensorrt",
-            device=GPU,
-            opt_shapes={"input_ids": [4, 16]},
-            max_shapes={"input_ids": [8, 64]},
-            timing_cache=timing_cache,
+    """A build with an existing cache keeps its entries and adds its own.
+
+    Building another profile (other opt shapes, so other timing keys) once with the shared
+    cache and once with a fresh one: had the cache been ignored, both files would hold the
+    same entries; reused, the shared one also keeps the first build's and is larger.
+    """
+    first = timing_cache.read_bytes()
+    assert len(first) > 0
+
+    def build(cache: Path, out: str) -> None:
+        build_engine_dir(
+            BuildConfig(
+                onnx_path=tiny_bert_onnx,
+                output=tmp_path / out,
+                backend="tensorrt",
+                device=GPU,
+                opt_shapes={"input_ids": [1, 8]},
+                max_shapes={"input_ids": [2, 8]},
+                timing_cache=cache,
+            )
         )
-    )
-    assert timing_cache.stat().st_size >= size
+
+    shared = tmp_path / "shared.cache"
+    shared.write_bytes(first)
+    build(shared, "with-cache")
+    fresh = tmp_path / "fresh.cache"
+    build(fresh, "fresh")
+    assert fresh.stat().st_size > 0
+    assert shared.stat().st_size > fresh.stat().st_size
+    assert shared.stat().st_size > len(first)
 
 
 def test_unsupported_op_is_build_error_with_parser_details(tiny_bert_onnx: Path, tmp_path: Path):
