@@ -367,31 +367,53 @@ def test_64_concurrent_clients_each_get_their_own_rows(
     print(f"64 clients in {elapsed:.2f}s, mean batch {inferences / executions:.2f}")
 
 
+def prometheus(server: ServerThread) -> dict[str, float]:
+    """Sum of each /metrics family of MODEL over its devices (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, raw = fetch(server, "/metrics")
+    assert status == 200
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            if sample.labels.get("model") == MODEL:
+                sums[family.name] = sums.get(family.name, 0.0) + sample.value
+    return sums
+
+
 def test_statistics_and_metrics_agree(
     server: ServerThread, http: httpclient.InferenceServerClient
 ) -> None:
-    status, _ = fetch(server, f"/v2/models/{MODEL}/infer", infer_body(good_tensors()))
-    assert status == 200
-    doc = stats(http)
+    """This test's own traffic (2 good requests of 1 and 2 rows, 1 bad) moves both reports by
+    exactly that, whatever ran before; and both reports agree on the totals."""
+    before, before_metrics = stats(http), prometheus(server)
+    for rows in (1, 2):
+        status, _ = fetch(server, f"/v2/models/{MODEL}/infer", infer_body(good_tensors(batch=rows)))
+        assert status == 200
+    bad = infer_body([ids_tensor(datatype="FP32"), *good_tensors()[1:]])
+    assert fetch(server, f"/v2/models/{MODEL}/infer", bad)[0] == 400
+    doc, got = stats(http), prometheus(server)
+
     assert doc["name"] == MODEL and doc["version"] == "1"
-    assert doc["inference_stats"]["success"]["count"] >= 1
-    assert doc["inference_stats"]["fail"]["count"] >= 1  # the bad requests above
-    assert sum(b["compute_infer"]["count"] for b in doc["batch_stats"]) == doc["execution_count"]
     assert http.get_inference_statistics()["model_stats"][0]["name"] == MODEL
-    status, raw = fetch(server, "/metrics")
-    text = raw.decode()
-    assert status == 200
-    success = doc["inference_stats"]["success"]["count"]
-    assert f'nv_inference_request_success{{model="{MODEL}",version="1"}} {float(success)}' in text
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith("nv_inference_count{"):
-            counts[line.split('device="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
-    assert set(counts) == {"cpu:0", "cpu:1"}
-    assert sum(counts.values()) == doc["inference_count"]
-    assert counts["cpu:0"] > 0 and counts["cpu:1"] > 0  # batches dealt across both workers
-    assert "# TYPE nv_inference_exec_count counter" in text
-    assert f'nv_device_healthy{{device="cpu:1",model="{MODEL}",version="1"}} 1.0' in text
+    success, fail = doc["inference_stats"]["success"], doc["inference_stats"]["fail"]
+    assert success["count"] - before["inference_stats"]["success"]["count"] == 2
+    assert fail["count"] - before["inference_stats"]["fail"]["count"] == 1
+    assert doc["inference_count"] - before["inference_count"] == 3
+    assert doc["execution_count"] - before["execution_count"] == 2
+    assert sum(b["compute_infer"]["count"] for b in doc["batch_stats"]) == doc["execution_count"]
+    deltas = {name: got[name] - before_metrics[name] for name in got}
+    assert deltas["nv_inference_request_success"] == 2
+    assert deltas["nv_inference_request_failure"] == 1
+    assert deltas["nv_inference_count"] == 3
+    assert deltas["nv_inference_exec_count"] == 2
+    assert deltas["nv_device_failure_count"] == 0
+    # the two reports read the same counters
+    assert got["nv_inference_request_success"] == success["count"]
+    assert got["nv_inference_request_failure"] == fail["count"]
+    assert got["nv_inference_count"] == doc["inference_count"]
+    assert got["nv_inference_exec_count"] == doc["execution_count"]
+    assert got["nv_device_healthy"] == 2  # both CPU workers
 
 
 def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> None:
