@@ -169,6 +169,7 @@ class State:
         self.device_allocs: dict[int, Allocation] = {}
         self.host_allocs: dict[int, np.ndarray] = {}
         self.host_alloc_device: dict[int, int] = {}
+        self.host_alloc_portable: set[int] = set()
         self.device_bytes: dict[int, int] = {}
         self.pinned_bytes: dict[int, int] = {}
         self.peak_device_bytes: dict[int, int] = {}
@@ -205,9 +206,16 @@ class State:
             self.last_error_detail = f"device {self.current_device()} faulted earlier (sticky)"
         return fault
 
-    def find_host(self, ptr: int, nbytes: int) -> tuple[np.ndarray, int] | None:
+    def find_host(
+        self, ptr: int, nbytes: int, device: int | None = None
+    ) -> tuple[np.ndarray, int] | None:
+        """The pinned allocation holding ``[ptr, ptr + nbytes)``; with ``device``, only if it is
+        pinned for that device's context (allocated there, or cudaHostAllocPortable)."""
         for base, array in self.host_allocs.items():
             if base <= ptr and ptr + nbytes <= base + array.nbytes:
+                foreign = device is not None and self.host_alloc_device[base] != device
+                if foreign and base not in self.host_alloc_portable:
+                    return None
                 return array, ptr - base
         return None
 
@@ -385,6 +393,8 @@ def cudaHostAlloc(size: int, flags: int) -> tuple[Any, ...]:
         ptr = int(array.ctypes.data)
         STATE.host_allocs[ptr] = array
         STATE.host_alloc_device[ptr] = device
+        if int(flags) & cudaHostAllocPortable:
+            STATE.host_alloc_portable.add(ptr)
         _count(STATE.pinned_bytes, STATE.peak_pinned_bytes, device, size)
         STATE.host_allocs_made += 1
     return _ok(ptr)
@@ -402,6 +412,7 @@ def cudaFreeHost(ptr: Any) -> tuple[Any, ...]:
         if array is None:
             return _fail(cudaError_t.cudaErrorInvalidValue, f"cudaFreeHost({int(ptr):#x})")
         STATE.pinned_bytes[STATE.host_alloc_device.pop(int(ptr))] -= array.nbytes
+        STATE.host_alloc_portable.discard(int(ptr))
         STATE.host_frees += 1
     return _ok()
 
@@ -436,11 +447,13 @@ def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> t
             cudaError_t.cudaErrorInvalidResourceHandle,
             "default stream used; trtpipe must copy on its own non-blocking stream",
         )
+    live = STATE.live_stream(int(stream))
+    context = live.device if live is not None else STATE.current_device()
     if int(kind) == cudaMemcpyKind.cudaMemcpyHostToDevice:
-        host, device = STATE.find_host(src, count), STATE.find_device(dst, count)
+        host, device = STATE.find_host(src, count, context), STATE.find_device(dst, count)
         what = "source"
     elif int(kind) == cudaMemcpyKind.cudaMemcpyDeviceToHost:
-        host, device = STATE.find_host(dst, count), STATE.find_device(src, count)
+        host, device = STATE.find_host(dst, count, context), STATE.find_device(src, count)
         what = "destination"
     else:
         return _fail(cudaError_t.cudaErrorInvalidMemcpyDirection, f"memcpy kind {kind}")
@@ -448,7 +461,7 @@ def cudaMemcpyAsync(dst: Any, src: Any, count: int, kind: Any, stream: Any) -> t
         return _fail(
             cudaError_t.cudaErrorInvalidHostPointer,
             f"host {what} {src if what == 'source' else dst:#x} (+{count}) is not pinned memory "
-            "from cudaHostAlloc/cudaMallocHost",
+            f"from cudaHostAlloc/cudaMallocHost of device {context}'s context (or portable)",
         )
     if device is None:
         return _fail(

@@ -243,6 +243,14 @@ def test_allocations_belong_to_their_device_and_faults_stick(tmp_path: Path):
         (err,) = cuda.cudaMemcpyAsync(other, launch.x_host, 64, h2d, launch.stream)
         assert err == cuda.cudaError_t.cudaErrorInvalidValue  # no copies across devices
         assert "device memory of device 1" in cuda.cudaGetErrorString(err)[1].decode()
+        # Pinned memory is pinned for the context that allocated it unless made portable.
+        assert cuda.cudaSetDevice(1)[0] == 0
+        pinned_1 = Launch.value(cuda.cudaHostAlloc(64, 0))
+        portable = Launch.value(cuda.cudaHostAlloc(64, cuda.cudaHostAllocPortable))
+        assert cuda.cudaSetDevice(0)[0] == 0
+        (err,) = cuda.cudaMemcpyAsync(launch.x_dev, pinned_1, 64, h2d, launch.stream)
+        assert err == cuda.cudaError_t.cudaErrorInvalidHostPointer
+        assert cuda.cudaMemcpyAsync(launch.x_dev, portable, 64, h2d, launch.stream)[0] == 0
 
         ctx = launch.context
         assert cuda.cudaMemcpyAsync(launch.x_dev, launch.x_host, 64, h2d, launch.stream)[0] == 0
