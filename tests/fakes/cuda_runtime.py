@@ -12,6 +12,9 @@ would fail:
   reading results before synchronizing sees stale data, as on a GPU;
 * streams belong to the device current at creation; queuing on them from a thread whose
   current device differs fails (CUDA's current device is per thread);
+* pinned host memory counts as pinned only for the context that allocated it unless
+  ``cudaHostAllocPortable`` (real CUDA would silently fall back to a synchronous pageable copy;
+  the project wants asynchronous copies, so the fake refuses);
 * allocations belong to the device current when they were made: a copy or launch on another
   device's stream that touches them fails (the project never copies across devices; real CUDA
   would do a slow peer copy or fault);
