@@ -1,119 +1,135 @@
-"""Text generation over HTTP: Triton-style ``/v2/models/{m}/generate`` (+ ``_stream`` SSE)
-and OpenAI ``/v1/completions`` (streaming and not), over ``Generator`` objects.
+"""Text generation over HTTP: Triton-style ``/v2/models/{m}/generate`` (+ ``_stream`` SSE),
+OpenAI ``/v1/completions`` and ``/v1/chat/completions`` (streaming and not), ``/v1/models/{id}``.
 
-Include it in the server app with ``app.include_router(generate_router({name: generator}))``.
-Generation runs in worker threads (each request holds one device for its duration), so the
-event loop keeps serving; every stream has its own decode loop and so its own tokens.
+Include it with ``app.include_router(generate_router({name: served}))``. Each request becomes
+one or more sequences in a device's continuous-batching scheduler (``ServedGeneration``), so
+concurrent requests share decode steps; a request the engine cannot run is refused before any
+byte is sent (400), a full queue or a draining server gives 503, a request not admitted in time
+504. A client that goes away (closed stream or connection) cancels its sequences, freeing
+their batch rows at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Generator as Stream
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from trtpipe.errors import InputError, TrtpipeError
+from trtpipe.errors import InputError
 from trtpipe.generation.generator import Generator
-from trtpipe.generation.sampling import SamplingParams
+from trtpipe.generation.sequence import Sequence, TokenEvent
+from trtpipe.server import openai_generation as wire
+from trtpipe.server.generation_model import AsyncSink, ServedGeneration
 
-MAX_BODY = 1 << 20
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_S = 0.25
 
 
-def sampling_params(values: Mapping[str, Any], max_tokens_key: str, default_max: int) -> Any:
-    """Request fields -> validated SamplingParams (InputError names the bad field)."""
-    max_tokens = values.get(max_tokens_key)
-    if max_tokens is None:
-        max_tokens = values.get("max_new_tokens", default_max)
-    try:
-        temperature = float(values.get("temperature", 1.0))
-        params = SamplingParams(
-            max_new_tokens=whole_number(max_tokens, max_tokens_key),
-            greedy=bool(values.get("greedy", False)),
-            temperature=temperature,
-            top_k=whole_number(values.get("top_k", 0), "top_k"),
-            top_p=float(values.get("top_p", 1.0)),
-            seed=None if values.get("seed") is None else whole_number(values["seed"], "seed"),
-            ignore_eos=bool(values.get("ignore_eos", False)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"bad generation parameter: {exc}") from exc
-    return params.validate()
+class ClientGoneError(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
-def whole_number(value: Any, field: str) -> int:
-    """An integer field: ints (and integral numbers) only, so 2.5 tokens is an error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InputError(f"{field!r} must be an integer, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise InputError(f"{field!r} must be an integer, got {value!r}") from None
-    if not number.is_integer():
-        raise InputError(f"{field!r} must be an integer, got {value!r}")
-    return int(number)
+def error_response(exc: BaseException, openai: bool) -> JSONResponse:
+    from trtpipe.server.errors import classify
 
-
-async def json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InputError(f"request body of {len(body)} bytes exceeds {MAX_BODY}")
-    try:
-        data = json.loads(body or b"{}")
-    except json.JSONDecodeError as exc:
-        raise InputError(f"malformed JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InputError("the request body must be a JSON object")
-    return data
-
-
-def error_response(exc: Exception, openai: bool) -> JSONResponse:
-    status = 400 if isinstance(exc, InputError) else 500
-    message = str(exc) if isinstance(exc, TrtpipeError) else f"generation failed: {exc}"
+    wire_error = classify(exc)
+    status = wire_error.http_status
     if openai:
-        kind = "invalid_request_error" if status == 400 else "server_error"
-        body: dict[str, Any] = {"error": {"message": message, "type": kind, "param": None}}
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body: dict[str, Any] = {
+            "error": {"message": wire_error.message, "type": kind, "param": None, "code": None}
+        }
         return JSONResponse(body, status_code=status)
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": wire_error.message}, status_code=status)
+
+
+def stream_error(exc: BaseException, openai: bool) -> dict[str, Any]:
+    """An error after the stream started: one in-band event (the status line is sent)."""
+    from trtpipe.server.errors import classify
+
+    message = classify(exc).message
+    return {"error": {"message": message, "type": "server_error"}} if openai else {"error": message}
 
 
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def open_stream(
-    generator: Generator, prompt: str, params: SamplingParams
-) -> tuple[Stream[tuple[str, Any], None, None], tuple[str, Any] | None]:
-    """Start a stream and take its first piece in a worker thread, so bad requests fail
-    with a status code before any bytes are sent."""
-    stream = generator.stream_tokens(prompt, params)
-    first = await run_in_threadpool(next, stream, None)
-    return stream, first
+class Submitted:
+    """The sequences of one request and the sink their events arrive on."""
+
+    def __init__(self, seqs: list[Sequence], sink: AsyncSink, prompt_tokens: int):
+        self.seqs, self.sink, self.prompt_tokens = seqs, sink, prompt_tokens
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            if seq.finish_reason is None:
+                seq.cancel()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(seq.token_ids) for seq in self.seqs)
+
+    async def collect(self, request: Request | None) -> list[list[TokenEvent]]:
+        """Every event per sequence; cancels the sequences if the client disconnects."""
+        events: list[list[TokenEvent]] = [[] for _ in self.seqs]
+        watcher = None
+        if request is not None:
+            watcher = asyncio.create_task(self._watch(request))
+        try:
+            async for index, event in self.sink.events(len(self.seqs)):
+                events[index].append(event)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            self.cancel()
+        return events
+
+    async def _watch(self, request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.cancel()
+        self.sink.queue.put_nowait((0, ClientGoneError("client disconnected")))
 
 
-def generate_router(generators: Mapping[str, Generator]) -> APIRouter:
-    """Routes for every decoder engine in ``generators`` (model name -> loaded Generator)."""
+def generate_router(models: Mapping[str, Any]) -> APIRouter:
+    """Routes for every decoder engine in ``models`` (name -> ServedGeneration; a loaded
+    ``Generator`` is wrapped in one)."""
     router = APIRouter()
+    served: dict[str, Any] = {
+        name: ServedGeneration(m) if isinstance(m, Generator) else m for name, m in models.items()
+    }
+    router.served = served  # type: ignore[attr-defined]  # the app drains and closes them
 
-    def find(name: str) -> Generator:
-        generator = generators.get(name)
-        if generator is None:
+    def find(name: Any) -> ServedGeneration:
+        model = served.get(str(name))
+        if model is None:
             raise InputError(
-                f"unknown generation model {name!r}; models: {sorted(generators) or 'none'}"
+                f"unknown generation model {name!r}; models: {sorted(served) or 'none'}"
             )
-        return generator
+        return model  # type: ignore[no-any-return]
+
+    def submit(
+        model: ServedGeneration, prompt_ids: list[int], options: wire.GenerationOptions
+    ) -> Submitted:
+        sink = AsyncSink()
+        seqs = model.submit(
+            prompt_ids, options.params, sink, options.n, options.stop, options.logprobs
+        )
+        return Submitted(seqs, sink, len(prompt_ids))
 
     # -- Triton generate extension --------------------------------------------------------------
-    async def triton_request(name: str, request: Request) -> tuple[Generator, str, Any]:
-        generator = find(name)
-        body = await json_body(request)
+    async def triton_request(
+        name: str, request: Request
+    ) -> tuple[ServedGeneration, list[int], wire.GenerationOptions]:
+        model = find(name)
+        body = wire.parse_json(await request.body())
         prompt = body.get("text_input")
         if not isinstance(prompt, str):
             raise InputError('the request needs "text_input" (a string)')
@@ -121,58 +137,76 @@ def generate_router(generators: Mapping[str, Generator]) -> APIRouter:
         if not isinstance(parameters, dict):
             raise InputError('"parameters" must be a JSON object')
         values = {**body, **parameters}
-        return generator, prompt, sampling_params(values, "max_tokens", 50)
+        max_tokens = wire.max_tokens_of(values, ("max_tokens", "max_new_tokens"), 50)
+        options = wire.options({**values, "n": 1, "logprobs": None}, max_tokens)
+        return model, model.encode(prompt), options
 
     @router.post("/v2/models/{name}/generate")
     async def triton_generate(name: str, request: Request) -> Response:
         try:
-            generator, prompt, params = await triton_request(name, request)
-            result = (await run_in_threadpool(generator.generate, [prompt], params))[0]
+            model, ids, options = await triton_request(name, request)
+            job = submit(model, ids, options)
+            await job.collect(request)
         except Exception as exc:
             return error_response(exc, openai=False)
+        seq = job.seqs[0]
         return JSONResponse(
             {
                 "model_name": name,
                 "model_version": "1",
-                "text_output": result.text,
-                "token_ids": result.token_ids,
-                "finish_reason": result.finish_reason,
+                "text_output": seq.text,
+                "token_ids": seq.token_ids,
+                "finish_reason": seq.finish_reason,
+                "usage": wire.usage(job.prompt_tokens, job.completion_tokens),
             }
         )
 
     @router.post("/v2/models/{name}/generate_stream")
     async def triton_generate_stream(name: str, request: Request) -> Response:
         try:
-            generator, prompt, params = await triton_request(name, request)
-            stream, first = await open_stream(generator, prompt, params)
+            model, ids, options = await triton_request(name, request)
+            job = submit(model, ids, options)
         except Exception as exc:
             return error_response(exc, openai=False)
 
-        def events() -> Iterator[str]:
+        async def events() -> AsyncIterator[str]:
             try:
-                item = first
-                while item is not None:
-                    piece, result = item
-                    done = result.finish_reason == "stop" or len(result.token_ids) >= (
-                        params.max_new_tokens
-                    )
-                    payload = {"model_name": name, "model_version": "1", "text_output": piece}
-                    payload["token_id"] = result.token_ids[-1]
-                    if done:
-                        payload["finish_reason"] = result.finish_reason
+                async for _, event in job.sink.events(1):
+                    payload: dict[str, Any] = {
+                        "model_name": name,
+                        "model_version": "1",
+                        "text_output": event.text,
+                        "token_id": event.token_id,
+                    }
+                    if event.finish_reason is not None:
+                        payload["finish_reason"] = event.finish_reason
                     yield sse(payload)
-                    item = next(stream, None)
+            except Exception as exc:  # the stream has started: report in-band
+                yield sse(stream_error(exc, openai=False))
             finally:
-                stream.close()
+                job.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    # -- OpenAI completions ---------------------------------------------------------------------
+    # -- OpenAI ---------------------------------------------------------------------------------
+    @router.get("/v1/models/{model_id}")
+    async def openai_model(model_id: str) -> Response:
+        if model_id not in served:
+            from trtpipe.server.errors import ModelNotFoundError
+
+            return error_response(
+                ModelNotFoundError(f"unknown model {model_id!r}; models: {sorted(served)}"),
+                openai=True,
+            )
+        return JSONResponse(
+            {"id": model_id, "object": "model", "created": 0, "owned_by": "trtpipe"}
+        )
+
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
-            body = await json_body(request)
-            generator = find(str(body.get("model", "")))
+            body = wire.parse_json(await request.body())
+            model = find(body.get("model", ""))
             prompts = body.get("prompt")
             if isinstance(prompts, str):
                 prompts = [prompts]
@@ -182,73 +216,141 @@ def generate_router(generators: Mapping[str, Generator]) -> APIRouter:
                 or not all(isinstance(p, str) for p in prompts)
             ):
                 raise InputError('"prompt" must be a string or a list of strings')
-            if body.get("n", 1) not in (1, None):
-                raise InputError('only "n": 1 is supported')
-            params = sampling_params(body, "max_tokens", 16)
-            stream = bool(body.get("stream", False))
-            if stream and len(prompts) != 1:
+            max_tokens = wire.max_tokens_of(body, ("max_tokens", "max_new_tokens"), 16)
+            options = wire.options(body, max_tokens)
+            if options.stream and len(prompts) != 1:
                 raise InputError("streaming takes one prompt")
+            ids = [model.encode(p) for p in prompts]
+            jobs: list[Submitted] = []
+            try:
+                for row in ids:
+                    jobs.append(submit(model, row, options))
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                raise
         except Exception as exc:
             return error_response(exc, openai=True)
-        ident = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        model = str(body["model"])
-        if not stream:
+        ident, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), str(body["model"])
+        head = {"id": ident, "object": "text_completion", "created": created, "model": name}
+
+        if not options.stream:
             try:
-                results = await run_in_threadpool(generator.generate, prompts, params)
+                gathered = await asyncio.gather(*(job.collect(request) for job in jobs))
+            except Exception as exc:
+                for job in jobs:
+                    job.cancel()
+                return error_response(exc, openai=True)
+            choices = []
+            for p, (job, per_seq) in enumerate(zip(jobs, gathered, strict=True)):
+                for i, seq in enumerate(job.seqs):
+                    logprobs = None
+                    if options.logprobs is not None:
+                        logprobs = wire.completion_logprobs(per_seq[i], model.token_text)
+                    choices.append(
+                        {
+                            "text": seq.text,
+                            "index": p * options.n + i,
+                            "logprobs": logprobs,
+                            "finish_reason": seq.finish_reason,
+                        }
+                    )
+            prompt_tokens = sum(job.prompt_tokens for job in jobs)
+            completion_tokens = sum(job.completion_tokens for job in jobs)
+            return JSONResponse(
+                {**head, "choices": choices, "usage": wire.usage(prompt_tokens, completion_tokens)}
+            )
+
+        job = jobs[0]
+        offsets = [0] * options.n
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for index, event in job.sink.events(len(job.seqs)):
+                    logprobs = None
+                    if options.logprobs is not None:
+                        logprobs = wire.completion_logprobs(
+                            [event], model.token_text, offsets[index]
+                        )
+                        offsets[index] += len(logprobs["tokens"][0])
+                    choice = {
+                        "text": event.text,
+                        "index": index,
+                        "logprobs": logprobs,
+                        "finish_reason": event.finish_reason,
+                    }
+                    yield sse({**head, "choices": [choice]})
+                if options.include_usage:
+                    counts = wire.usage(job.prompt_tokens, job.completion_tokens)
+                    yield sse({**head, "choices": [], "usage": counts})
+                yield "data: [DONE]\n\n"
+            except Exception as exc:
+                yield sse(stream_error(exc, openai=True))
+            finally:
+                job.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = wire.parse_json(await request.body())
+            model = find(body.get("model", ""))
+            ids = model.chat_ids(wire.chat_messages(body.get("messages")))
+            room = max(model.spec.max_total - len(ids), 1)
+            max_tokens = wire.max_tokens_of(body, ("max_completion_tokens", "max_tokens"), room)
+            options = wire.options(body, max_tokens, chat=True)
+            job = submit(model, ids, options)
+        except Exception as exc:
+            return error_response(exc, openai=True)
+        ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), str(body["model"])
+
+        if not options.stream:
+            head = {"id": ident, "object": "chat.completion", "created": created, "model": name}
+            try:
+                results = await job.collect(request)
             except Exception as exc:
                 return error_response(exc, openai=True)
-            completion_tokens = sum(len(r.token_ids) for r in results)
-            prompt_tokens = sum(r.prompt_tokens for r in results)
             choices = [
-                {"text": r.text, "index": i, "logprobs": None, "finish_reason": r.finish_reason}
-                for i, r in enumerate(results)
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": seq.text},
+                    "logprobs": None
+                    if options.logprobs is None
+                    else wire.chat_logprobs(results[i], model.token_text),
+                    "finish_reason": seq.finish_reason,
+                }
+                for i, seq in enumerate(job.seqs)
             ]
-            return JSONResponse(
-                {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": choices,
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
-                }
-            )
-        try:
-            token_stream, first = await open_stream(generator, prompts[0], params)
-        except Exception as exc:
-            return error_response(exc, openai=True)
+            counts = wire.usage(job.prompt_tokens, job.completion_tokens)
+            return JSONResponse({**head, "choices": choices, "usage": counts})
 
-        def chunk(text: str, finish: str | None) -> str:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-            return sse(
-                {
-                    "id": ident,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                }
-            )
+        head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
 
-        def events() -> Iterator[str]:
-            finish = "length"
+        def chunk(index: int, delta: dict[str, Any], finish: str | None, lp: Any = None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            return sse({**head, "choices": [choice]})
+
+        async def events() -> AsyncIterator[str]:
             try:
-                item = first
-                while item is not None:
-                    piece, result = item
-                    finish = result.finish_reason
-                    if piece:
-                        yield chunk(piece, None)
-                    item = next(token_stream, None)
+                for i in range(len(job.seqs)):
+                    yield chunk(i, {"role": "assistant", "content": ""}, None)
+                async for index, event in job.sink.events(len(job.seqs)):
+                    logprobs = None
+                    if options.logprobs is not None:
+                        logprobs = wire.chat_logprobs([event], model.token_text)
+                    if event.text or logprobs is not None:
+                        yield chunk(index, {"content": event.text}, None, logprobs)
+                    if event.finish_reason is not None:
+                        yield chunk(index, {}, event.finish_reason)
+                if options.include_usage:
+                    counts = wire.usage(job.prompt_tokens, job.completion_tokens)
+                    yield sse({**head, "choices": [], "usage": counts})
+                yield "data: [DONE]\n\n"
+            except Exception as exc:
+                yield sse(stream_error(exc, openai=True))
             finally:
-                token_stream.close()
-            yield chunk("", finish)
-            yield "data: [DONE]\n\n"
+                job.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
