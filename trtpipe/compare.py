@@ -278,9 +278,16 @@ def compare_engine(
 
     manifest = engine.manifest
     if is_decoder(manifest.inputs):
-        raise InputError(
-            f"{engine.path} is a text-generation (KV-cache) engine; compare gates encoder "
-            "outputs. Check a decoder with trtpipe generate --greedy or trtpipe bench --generate"
+        from trtpipe.compare_decoder import compare_decoder_engine
+
+        return compare_decoder_engine(
+            engine,
+            tolerances,
+            texts_file,
+            reference=reference,
+            batch_size=batch_size,
+            device=device,
+            random_samples=random_samples,
         )
     if random_samples < 0 or seq_len < 1 or batch_size < 1:
         raise InputError("--random must be >= 0, --seq-len and --batch-size >= 1")

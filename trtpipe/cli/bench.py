@@ -190,8 +190,6 @@ MODE_OPTIONS = {
         "devices": "--devices",
         "gpus": "--gpus",
         "scaling_batches": "--scaling-batches",
-        "gate": "--gate",
-        "gate_report": "--gate-report",
     },
     # --texts online: batch-1 requests of real sentences (trtpipe.bench.served_text).
     "offline+online": {"texts": "--texts", "text_limit": "--text-limit"},
@@ -201,6 +199,8 @@ MODE_OPTIONS = {
         "warmup": "--warmup",
         "device": "--device",
         "reference": "--reference",
+        "gate": "--gate",
+        "gate_report": "--gate-report",
     },
 }
 
@@ -302,8 +302,18 @@ def _served_text(options: dict[str, Any]) -> dict[str, Any]:
 
 def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     from trtpipe.bench.generation import run_generation
+    from trtpipe.compare_decoder import decoder_gate_status
+    from trtpipe.devices import parse_device
 
-    return run_generation(
+    # The decoder gate first (teacher-forced logits and greedy tokens vs HF), like offline.
+    gate = decoder_gate_status(
+        engine_dir,
+        options["gate"],
+        options["gate_report"],
+        parse_device(options["device"]) if options["device"] else None,
+        options["reference"],
+    )
+    report = run_generation(
         engine_dir,
         prompts_file=options["prompts_file"],
         max_new_tokens=options["max_new_tokens"],
@@ -315,3 +325,5 @@ def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
         threads=options["threads"],
         baseline=options["baseline"],
     )
+    report["gate"] = gate
+    return report

@@ -1,4 +1,8 @@
-"""``trtpipe compare ENGINE_DIR [--texts FILE] [--json report.json]``: the accuracy gate."""
+"""``trtpipe compare ENGINE_DIR [--texts FILE] [--json report.json]``: the accuracy gate.
+
+Encoders compare every output; text-generation engines get the decoder gate
+(trtpipe.compare_decoder: teacher-forced next-token logits and greedy continuation).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,18 @@ import click
 @click.option(
     "--min-top1", type=click.FloatRange(0, 1), help="Override: minimum top-1 agreement (0..1)."
 )
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Decoders: teacher-forced steps and greedy tokens per prompt.",
+)
+@click.option(
+    "--min-greedy",
+    type=click.FloatRange(0, 1),
+    help="Override (decoders): minimum greedy continuation match rate (0..1).",
+)
 def command(
     engine_dir: str,
     texts: Path | None,
@@ -55,9 +71,11 @@ def command(
     min_cosine: float | None,
     mean_cosine: float | None,
     min_top1: float | None,
+    new_tokens: int,
+    min_greedy: float | None,
 ) -> None:
     """Compare ENGINE_DIR against its PyTorch model; exit 0 only within tolerance."""
-    from trtpipe.compare import Tolerances, compare_engine
+    from trtpipe.compare import CompareReport, Tolerances, compare_engine
     from trtpipe.devices import parse_device
     from trtpipe.engine import EngineDir
     from trtpipe.errors import AccuracyError
@@ -66,25 +84,48 @@ def command(
     engine = EngineDir(engine_dir)
     if json_path:
         check_writable(json_path)
-    tolerances = Tolerances.for_precision(engine.manifest.precision)
+    from trtpipe.generation.kv_cache import is_decoder
+
+    decoder = is_decoder(engine.manifest.inputs)
+    if decoder:
+        from trtpipe.compare_decoder import DecoderTolerances
+
+        tolerances: Tolerances = DecoderTolerances.for_precision(engine.manifest.precision)
+    else:
+        tolerances = Tolerances.for_precision(engine.manifest.precision)
     for field_name, value in (
         ("max_abs", max_abs),
         ("cosine_min", min_cosine),
         ("cosine_mean", mean_cosine),
         ("top1_min", min_top1),
+        ("greedy_match_min", min_greedy),
     ):
         if value is not None:
             setattr(tolerances, field_name, value)
-    report = compare_engine(
-        engine,
-        tolerances=tolerances,
-        texts_file=texts,
-        random_samples=random_samples,
-        seq_len=seq_len,
-        reference=reference,
-        batch_size=batch_size,
-        device=parse_device(device),
-    )
+    if decoder:
+        from trtpipe.compare_decoder import compare_decoder_engine
+
+        report: CompareReport = compare_decoder_engine(
+            engine,
+            tolerances,
+            texts_file=texts,
+            new_tokens=new_tokens,
+            reference=reference,
+            batch_size=batch_size,
+            device=parse_device(device),
+            random_samples=random_samples,
+        )
+    else:
+        report = compare_engine(
+            engine,
+            tolerances=tolerances,
+            texts_file=texts,
+            random_samples=random_samples,
+            seq_len=seq_len,
+            reference=reference,
+            batch_size=batch_size,
+            device=parse_device(device),
+        )
     click.echo(report.table())
     if json_path:
         report.write_json(json_path)
