@@ -244,22 +244,111 @@ def test_cli_generates_and_writes_json(decoder: dict, tmp_path: Path) -> None:
     assert report["summary"]["tokens_per_s"] > 0
 
 
+def float16_share(engine_dir: Path) -> tuple[float, float]:
+    """(float16 share of the float-valued nodes of the typed graph, from the build log;
+    float16 share of the float weights in the engine file)."""
+    import onnx
+
+    from trtpipe.engine import EngineDir
+
+    engine = EngineDir(engine_dir)
+    counts = json.loads((engine.path / "build_log.json").read_text())["op_counts"]
+    by_dtype = counts["by_output_dtype"]
+    nodes = by_dtype.get("float16", 0) / (by_dtype.get("float16", 0) + by_dtype.get("float32", 0))
+    model = onnx.load(str(engine.path / engine.manifest.engine_file))
+    floats = [
+        i.data_type
+        for i in model.graph.initializer
+        if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    ]
+    weights = floats.count(onnx.TensorProto.FLOAT16) / len(floats)
+    return nodes, weights
+
+
+def teacher_forced(
+    engine_dir: Path, model_dir: Path, prompt: list[int], tokens: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Engine and HF fp32 logits [steps, vocab] at every step of HF's own greedy sequence, the
+    engine fed HF's tokens one step at a time (KV cache): agreement per step, free of the drift
+    that one early difference causes in free-running decoding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trtpipe.engine import EngineDir
+    from trtpipe.generation.kv_cache import decoder_session
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + tokens])).logits[0].numpy()
+    reference = full[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+    session = decoder_session(EngineDir(engine_dir))
+    session.load()
+    try:
+        session.start(1)
+        ids = np.array([prompt], dtype=np.int64)
+        steps = [session.step(ids, np.ones_like(ids), np.arange(len(prompt))[None, :])[0]]
+        for step, token in enumerate(tokens[:-1]):
+            length = len(prompt) + step + 1
+            logits = session.step(
+                np.array([[token]], np.int64),
+                np.ones((1, length), np.int64),
+                np.array([[length - 1]], np.int64),
+            )
+            steps.append(logits[0])
+    finally:
+        session.close()
+    return np.stack(steps), reference
+
+
 def test_fp16_engine_agreement_with_hf(decoder: dict, tmp_path_factory) -> None:
-    """fp16 (AutoCast) engine vs HF fp32 greedy: report the fraction of equal tokens."""
+    """An fp16 (AutoCast) engine vs HF fp32: the engine really is fp16 (float16 nodes and
+    weights, float32 I/O), and at every teacher-forced step its logits are within 0.5% of HF's
+    largest |logit| (measured 0.04% llama, 0.12% gpt2) and its top-1 is HF's wherever HF's lead
+    over the runner-up exceeds twice the engine's error there.
+
+    Greedy ids alone cannot carry the claim: a random tiny model's logits are nearly flat
+    (smallest top-1 lead measured 1.0e-4 against an fp16 logit error of 1.8e-4 for llama), so a
+    near-tie may flip on another CPU's kernels and the continuation then differs. Free-running
+    agreement is printed, not asserted (96 of 96 tokens equal for both models where measured).
+    """
+    from trtpipe.engine import EngineDir
     from trtpipe.generation import Generator, SamplingParams
     from trtpipe.generation.prompts import tokenize
 
     engine = build(decoder["onnx"], tmp_path_factory.mktemp("fp16") / "engine", "fp16")
+    manifest = EngineDir(engine).manifest
+    assert manifest.precision == "fp16"
+    assert manifest.build_options["precision"]["method"] == "modelopt.autocast"
+    assert {s.dtype for s in [*manifest.inputs, *manifest.outputs]} <= {"int64", "float32"}
+    nodes, weights = float16_share(engine)
+    assert nodes > 0.8 and weights > 0.8, (nodes, weights)  # measured: 0.91 / 0.93 (llama)
     with Generator(engine) as generator:
         results = generator.generate(PROMPTS, SamplingParams(MAX_NEW, greedy=True))
         rows = tokenize(generator.tokenizer, PROMPTS)
-    expected = np.array(hf_greedy(decoder["model"], rows, MAX_NEW))
-    got = np.array([r.token_ids for r in results])
-    equal = float((got == expected).mean())
-    first = float((got[:, 0] == expected[:, 0]).mean())
-    print(f"\n{decoder['name']} fp16 vs HF fp32 greedy: {equal:.3f} of tokens equal, first {first}")
-    assert first == 1.0
-    assert equal >= 0.5
+    expected = hf_greedy(decoder["model"], rows, MAX_NEW)
+    worst_error, scale, decisive, agreeing, smallest_lead = 0.0, 0.0, 0, 0, np.inf
+    for row, want in zip(rows, expected, strict=True):
+        got, reference = teacher_forced(engine, decoder["model"], row, want)
+        assert (reference.argmax(axis=1) == want).all()  # HF's greedy ids are its argmax
+        error = np.abs(got - reference).max(axis=1)
+        top2 = np.sort(reference, axis=1)[:, -2:]
+        lead = top2[:, 1] - top2[:, 0]
+        worst_error = max(worst_error, float(error.max()))
+        scale = max(scale, float(np.abs(reference).max()))
+        smallest_lead = min(smallest_lead, float(lead.min()))
+        sure = lead > 2 * error
+        decisive += int(sure.sum())
+        agreeing += int((got.argmax(axis=1) == want)[sure].sum())
+    free = float((np.array([r.token_ids for r in results]) == np.array(expected)).mean())
+    print(
+        f"\n{decoder['name']} fp16 ({nodes:.2f} of float nodes, {weights:.2f} of weights "
+        f"float16) vs HF fp32: teacher-forced max logit error {worst_error:.2e} (largest "
+        f"|logit| {scale:.2f}), smallest HF "
+        f"lead {smallest_lead:.2e}, top-1 equal on {agreeing}/{decisive} decisive steps of "
+        f"{len(PROMPTS) * MAX_NEW}; free-running greedy {free:.3f} of tokens equal"
+    )
+    assert worst_error <= 5e-3 * scale
+    assert agreeing == decisive and decisive >= len(PROMPTS) * MAX_NEW // 2
 
 
 def test_tensorrt_decoder_under_fakes_matches_onnxruntime(decoder: dict, tmp_path: Path) -> None:
@@ -282,3 +371,28 @@ def test_tensorrt_decoder_under_fakes_matches_onnxruntime(decoder: dict, tmp_pat
             assert gpu.state.mallocs == mallocs
         assert gpu.leaks() == {"device": 0, "host": 0, "streams": 0}
     assert [r.token_ids for r in results] == expected
+
+
+def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict) -> None:
+    """``bench --url`` sends KServe v2 tensor requests; a served generation engine used to get
+    "not ready; check the name", though the name was right."""
+    if decoder["name"] != "llama":
+        pytest.skip("checked once")
+    from click.testing import CliRunner
+
+    from tests.server_utils import start_server
+    from trtpipe.cli.main import cli
+
+    server = start_server([f"llm={decoder['fp32']}"], devices=1, grpc=False)
+    try:
+        url = f"127.0.0.1:{server.server.http_port}"
+        result = CliRunner().invoke(
+            cli, ["bench", "--url", url, "--model", "llm", "--concurrency", "1"]
+        )
+    finally:
+        server.stop()
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"error: model 'llm' on {url} is a text-generation engine; the online bench sends "
+        "tensor requests to KServe v2 infer. Benchmark it with trtpipe bench ENGINE_DIR --generate"
+    ]
