@@ -165,9 +165,17 @@ def completion_logprobs(
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in events],
-        "top_logprobs": [{token_text(t): lp for t, lp in (e.top_logprobs or [])} for e in events],
+        "top_logprobs": [top_by_text(e.top_logprobs or [], token_text) for e in events],
         "text_offset": offsets,
     }
+
+
+def top_by_text(top: list[tuple[int, float]], token_text: Any) -> dict[str, float]:
+    """Best-first alternatives keyed by text; ids that decode alike keep the best value."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(token_text(token), logprob)
+    return out
 
 
 def chat_logprobs(events: list[TokenEvent], token_text: Any) -> dict[str, Any]:
