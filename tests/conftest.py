@@ -140,3 +140,21 @@ def minilm_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_model(
         "sentence-transformers/all-MiniLM-L6-v2", tmp_path_factory.mktemp("minilm") / "onnx"
     )
+
+
+@pytest.fixture(scope="session")
+def minilm_serving_engine(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 fp32 on ONNX Runtime with a small profile (8 x 64), for server tests."""
+    from trtpipe.build import BuildConfig, build_engine_dir
+
+    out = tmp_path_factory.mktemp("minilm-engine") / "minilm"
+    build_engine_dir(
+        BuildConfig(
+            onnx_path=minilm_onnx,
+            output=out,
+            backend="onnxruntime",
+            opt_shapes={"input_ids": [4, 16]},
+            max_shapes={"input_ids": [8, 64]},
+        )
+    )
+    return out

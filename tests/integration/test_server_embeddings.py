@@ -20,20 +20,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def minilm_engine(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trtpipe.build import BuildConfig, build_engine_dir
-
-    out = tmp_path_factory.mktemp("minilm-engine") / "minilm"
-    build_engine_dir(
-        BuildConfig(
-            onnx_path=minilm_onnx,
-            output=out,
-            backend="onnxruntime",
-            opt_shapes={"input_ids": [4, 16]},
-            max_shapes={"input_ids": [8, 64]},
-        )
-    )
-    return out
+def minilm_engine(minilm_serving_engine: Path) -> Path:
+    return minilm_serving_engine
 
 
 @pytest.fixture(scope="module")

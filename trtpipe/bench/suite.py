@@ -226,6 +226,7 @@ def _run_offline(
 def render(report: dict[str, Any]) -> str:
     """The terminal view of a report: one table per benchmark that ran."""
     from trtpipe.bench import report as rp
+    from trtpipe.bench.served_text import served_text_table
 
     lines = []
     engine = report.get("engine")
@@ -245,6 +246,7 @@ def render(report: dict[str, Any]) -> str:
         ("scaling", "scaling", rp.scaling_table),
         ("online", "online", rp.online_table),
         ("generation", "generation", rp.generation_table),
+        ("served_text", "served real text", served_text_table),
     ):
         if report.get(key):
             lines += ["", f"== {title} ==", fmt(report[key])]

@@ -80,6 +80,18 @@ import click
     help="Retry a batch once on another device when its device fails.",
 )
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
+@click.option(
+    "--warmup/--no-warmup",
+    default=True,
+    show_default=True,
+    help="Run every length bucket once per device before reporting ready.",
+)
+@click.option(
+    "--null-runner",
+    is_flag=True,
+    help="Measure the front end alone: the engine replaced by a zero-cost runner of the same "
+    "signature (outputs are zeros).",
+)
 def command(
     engine_dirs: tuple[str, ...],
     named: tuple[str, ...],
@@ -97,13 +109,14 @@ def command(
     drain_timeout: float,
     retry: bool,
     access_log: bool,
+    warmup: bool,
+    null_runner: bool,
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
 
     Each engine is a model named after its directory (or NAME=DIR via --name). Batches are
     formed by a dynamic batcher and dealt across the devices; SIGTERM drains and exits 0.
     """
-    import asyncio
 
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
@@ -127,7 +140,11 @@ def command(
         max_queue_delay_ms=max_queue_delay_ms,
         max_queue_size=max_queue_size,
         timeout_s=timeout_s,
+        warmup=warmup,
+        null_runner=null_runner,
     )
+    if null_runner:
+        click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)
     repository = ModelRepository.from_specs([*engine_dirs, *named], config)
     server = InferenceServer(
         repository,
@@ -153,5 +170,7 @@ def command(
             parts.append(f"gRPC {host}:{started.grpc_port}")
         click.echo(f"serving {repository.names} on {', '.join(parts)}", err=True)
 
-    asyncio.run(server.run(on_started=announce))
+    from trtpipe.server.loop import run
+
+    run(server.run(on_started=announce))
     click.echo("server stopped", err=True)

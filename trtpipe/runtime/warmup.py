@@ -22,8 +22,9 @@ from trtpipe.runtime.padding import length_group
 log = logging.getLogger(__name__)
 
 # Shapes past this many tokens are skipped except the largest batch at its shortest bucket:
-# warm-up must not take longer than loading.
-TOKEN_BUDGET = 16384
+# warm-up must not take longer than loading (ONNX Runtime's arena then grows on first use of
+# a longer shape, once).
+TOKEN_BUDGET = 4096
 
 
 def warmup_shapes(manifest: Manifest, max_batch_size: int | None = None) -> list[tuple[int, int]]:

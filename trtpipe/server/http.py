@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import time
 import zlib
@@ -16,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse as _StdJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtpipe import __version__
@@ -51,6 +51,13 @@ class ServerState:
 
     def ready(self, repository: ModelRepository) -> bool:
         return self.started and not self.draining and repository.ready
+
+
+class JSONResponse(_StdJSONResponse):
+    """JSON rendered by orjson (numpy arrays included): several times faster than json."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def server_metadata() -> dict[str, Any]:
@@ -112,7 +119,13 @@ def create_http_app(
     max_body_bytes: int = 64 << 20,
 ) -> FastAPI:
     state = state or ServerState()
-    app = FastAPI(title="trtpipe", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="trtpipe",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=JSONResponse,
+    )
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -267,7 +280,7 @@ def create_http_app(
         data = [
             {"object": "embedding", "index": i, "embedding": embedding_value(v, encoding)}
             for i, v in enumerate(vectors)
-        ]
+        ]  # float vectors stay numpy arrays: orjson writes them without a Python list
         return JSONResponse(
             {
                 "object": "list",
@@ -302,8 +315,8 @@ def parse_embeddings_request(
     body: bytes, repository: ModelRepository
 ) -> tuple[list[str], ServedModel, str]:
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"malformed JSON in embeddings request: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("embeddings request must be a JSON object")
@@ -343,7 +356,7 @@ def parse_embeddings_request(
 def embedding_value(vector: np.ndarray, encoding: str) -> Any:
     if encoding == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return np.asarray(vector, dtype=np.float32).tolist()
+    return np.asarray(vector, dtype=np.float32)
 
 
 __all__ = ["ModelNotFoundError", "ServerState", "create_http_app"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from trtpipe.errors import InputError
 
@@ -232,7 +233,7 @@ def parse_http_request(body: bytes, header_length: str | int | None = None) -> I
         json_part = memoryview(body)[:length]
         binary = memoryview(body)[length:]
     try:
-        header = json.loads(bytes(json_part))
+        header = orjson.loads(json_part)  # rejects lone surrogates and depth > 1024 too
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"malformed JSON in infer request: {exc}") from None
     if not isinstance(header, dict):
@@ -372,7 +373,7 @@ def encode_http_response(
         header["id"] = request_id
     if parameters:
         header["parameters"] = parameters
-    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded = orjson.dumps(header)
     if not chunks:
         return encoded, None
     return encoded + b"".join(chunks), len(encoded)

@@ -1,0 +1,210 @@
+"""The serving hot path: text tokenized once per request, warm-up before ready, the null
+runner, and the served real-text bench (every protocol, every reply checked)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.server_utils import fetch, start_server
+from trtpipe.engine import EngineDir
+from trtpipe.server.app import ServerThread
+
+TEXTS = [
+    "A man is eating food.",
+    "Serving engines should be fast.",
+    "¿Dónde está la biblioteca? Ünïcödé and emoji 🚀 survive tokenization.",
+    "word " * 200,  # longer than the profile's 64 tokens: truncated
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def server(minilm_serving_engine: Path) -> Iterator[ServerThread]:
+    thread = start_server([f"minilm={minilm_serving_engine}"], devices=1)
+    yield thread
+    thread.stop()
+
+
+def test_one_tokenizer_call_gives_what_per_text_tokenization_gives(
+    minilm_serving_engine: Path,
+) -> None:
+    from trtpipe.server.text_input import TextEncoder
+    from trtpipe.text import feeds_from_encoding, load_tokenizer
+
+    engine = EngineDir(minilm_serving_engine)
+    encoder = TextEncoder(engine.path, engine.manifest.inputs, max_length=64)
+    rows = encoder.encode(TEXTS, truncate=True)
+    tokenizer = load_tokenizer(str(engine.path))
+    for text, row in zip(TEXTS, rows, strict=True):
+        # What the server did before: one tokenizer call per text, mapped to the engine inputs.
+        alone = feeds_from_encoding(
+            tokenizer([text], truncation=True, max_length=64), engine.manifest.inputs
+        )
+        assert sorted(row) == sorted(alone) == sorted(s.name for s in engine.manifest.inputs)
+        for name, array in alone.items():
+            assert row[name].dtype == array.dtype
+            np.testing.assert_array_equal(row[name], array)
+    assert rows[3]["input_ids"].shape == (1, 64)
+    with pytest.raises(Exception, match=r"text 0 is 20[0-9] tokens; the model accepts at most 64"):
+        encoder.encode([TEXTS[3]], truncate=False)
+    with pytest.raises(Exception, match="not valid Unicode"):
+        encoder.encode(["ok", "bad \ud800"], truncate=True)
+
+
+def test_served_text_equals_per_request_direct_runs(
+    server: ServerThread, minilm_serving_engine: Path
+) -> None:
+    """Batch-1 requests batched by the server return what each text alone gives offline."""
+    import asyncio
+
+    import openai
+
+    from tests.server_utils import reference_runner, text_feeds
+
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.server.http_port}/v1", api_key="x", max_retries=0
+    )
+
+    async def all_at_once() -> list[list[float]]:
+        replies = await asyncio.gather(
+            *(client.embeddings.create(model="minilm", input=t) for t in TEXTS[:3] * 4)
+        )
+        return [r.data[0].embedding for r in replies]
+
+    vectors = asyncio.run(all_at_once())
+    runner = reference_runner(minilm_serving_engine, workers=1)
+    try:
+        for text, vector in zip(TEXTS[:3] * 4, vectors, strict=True):
+            direct = runner.infer(text_feeds(minilm_serving_engine, text))["sentence_embedding"]
+            np.testing.assert_allclose(vector, direct[0], atol=1e-5)
+    finally:
+        runner.close()
+
+
+def test_warmup_runs_every_bucket_before_ready(minilm_serving_engine: Path) -> None:
+    from trtpipe.devices import Device
+    from trtpipe.runners.onnxruntime import OnnxRuntimeRunner
+    from trtpipe.runtime.warmup import warming_factory, warmup_shapes
+
+    manifest = EngineDir(minilm_serving_engine).manifest
+    shapes = warmup_shapes(manifest)
+    # Profile 1..8 x 1..64: batch 1 and 8 at every power-of-two bucket up to 64.
+    buckets = [1, 2, 4, 8, 16, 32, 64]
+    assert shapes == [(1, s) for s in buckets] + [(8, s) for s in buckets]
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(OnnxRuntimeRunner):
+        def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seen.append(feeds["input_ids"].shape)
+            return super()._infer(feeds)
+
+    make = warming_factory(
+        lambda device: Recording(EngineDir(minilm_serving_engine), device), manifest, None
+    )
+    runner = make(Device("cpu", 0))
+    assert seen == []
+    runner.load()
+    assert seen == shapes
+    runner.close()
+    assert warmup_shapes(manifest, max_batch_size=4)[-1] == (4, 64)
+
+
+def test_null_runner_answers_with_zeros_of_the_engine_signature(
+    minilm_serving_engine: Path,
+) -> None:
+    import tritonclient.http as httpclient
+
+    thread = start_server([f"null={minilm_serving_engine}"], devices=1, null_runner=True)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{thread.server.http_port}")
+        ids = np.array([[101, 2023, 2003, 102]], dtype=np.int64)
+        inputs = []
+        for name, value in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+            entry = httpclient.InferInput(name, list(value.shape), "INT64")
+            entry.set_data_from_numpy(value)
+            inputs.append(entry)
+        result = client.infer("null", inputs)
+        tokens = result.as_numpy("token_embeddings")
+        pooled = result.as_numpy("sentence_embedding")
+        assert tokens.shape == (1, 4, 384) and tokens.dtype == np.float32
+        assert pooled.shape == (1, 384) and not pooled.any()
+        status, _ = fetch(thread.server.http_port, "/v2/models/null/ready")
+        assert status == 200
+    finally:
+        thread.stop()
+
+
+def test_served_text_bench_checks_every_reply_on_every_protocol(
+    server: ServerThread, minilm_serving_engine: Path
+) -> None:
+    from trtpipe.bench.served_text import ServedTextConfig, run_served_text, served_text_table
+
+    port, grpc_port = server.server.http_port, server.server.grpc_port
+    texts = [t for t in TEXTS if len(t) < 100] * 3
+    result = run_served_text(
+        ServedTextConfig(
+            url=f"127.0.0.1:{port}",
+            grpc_url=f"127.0.0.1:{grpc_port}",
+            model="minilm",
+            texts=texts,
+            engine_dir=minilm_serving_engine,
+            concurrency=[1, 4],
+            protocols=["openai", "v2-text", "v2-tokens", "grpc-text", "grpc-tokens"],
+            max_requests=24,
+            duration_s=30,
+            c1_runs=3,
+            offline_runs=1,
+            threads=1,
+        )
+    )
+    data = result["served_text"]
+    assert [p["protocol"] for p in data["protocols"]] == [
+        "openai",
+        "v2-text",
+        "v2-tokens",
+        "grpc-text",
+        "grpc-tokens",
+    ]
+    assert data["offline"]["sorted_sentences_per_s"] > 0
+    assert set(data["offline"]["arrival_sentences_per_s"]) == {1, 4}
+    for proto in data["protocols"]:
+        for level in proto["levels"]:
+            assert level["requests"] == 24, (proto["protocol"], level)
+            assert level["wrong_replies"] == 0 and level["errors"] == 0
+            assert 0 < level["client_cpu_share"] <= 1
+            assert level["of_offline_sorted"] > 0
+        c1 = proto["levels"][0]
+        assert len(c1["overhead_p50_ms_runs"]) == 3
+        assert c1["overhead_p50_ms"] == sorted(c1["overhead_p50_ms_runs"])[1]
+    table = served_text_table(data)
+    assert "grpc-tokens" in table and "c1 p50 overhead" in table
+
+
+def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: Path) -> None:
+    """The reply check can fail: replies compared with another sentence's vectors are wrong."""
+    import asyncio
+
+    from trtpipe.bench import served_text
+    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
+
+    texts = TEXTS[:3]
+    config = ServedTextConfig(
+        url=f"127.0.0.1:{server.server.http_port}",
+        model="minilm",
+        texts=texts,
+        engine_dir=minilm_serving_engine,
+        concurrency=[1],
+        max_requests=6,
+        c1_runs=1,
+        offline_runs=1,
+        threads=1,
+    )
+    offline = offline_figures(config)
+    offline.vectors = np.roll(offline.vectors, 1, axis=0)  # every reference now another text's
+    result = asyncio.run(_protocol("openai", config, offline))
+    assert result["levels"][0]["wrong_replies"] == 6
+    assert served_text.agreement_floor("int8") < served_text.agreement_floor("fp32")

@@ -1,0 +1,193 @@
+"""The load generator's clients: one sentence in, its sentence embedding out, per protocol.
+
+Request bodies are built once per sentence before timing, so a level measures the server, not
+the client's encoding. HTTP clients share one aiohttp session with keep-alive connections; gRPC
+uses tritonclient's asyncio client (what Triton users run).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from trtpipe.errors import InputError
+
+POOLED = "sentence_embedding"
+
+
+class Client:
+    """Sends sentence ``index`` and returns the reply's sentence embedding."""
+
+    def __init__(
+        self, url: str, model: str, texts: list[str], ids: list[list[int]], inputs: list[str]
+    ):
+        self.url = url if "://" in url else f"http://{url}"
+        self.model = model
+        self.texts = texts
+        self.ids = ids
+        self.inputs = inputs  # the engine's token inputs, sent by the token-tensor protocols
+        self.session: Any = None
+
+    async def open(self) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False)
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def embed(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    async def _post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[bytes, Any]:
+        async with self.session.post(self.url + path, data=body, headers=headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                raise InputError(f"HTTP {response.status}: {payload[:200]!r}")
+            return payload, response.headers
+
+
+class OpenAIClient(Client):
+    """POST /v1/embeddings, one sentence, float vectors (what the openai client sends)."""
+
+    async def open(self) -> None:
+        await super().open()
+        self.bodies = [json.dumps({"model": self.model, "input": t}).encode() for t in self.texts]
+
+    async def embed(self, index: int) -> np.ndarray:
+        payload, _ = await self._post(
+            "/v1/embeddings", self.bodies[index], {"Content-Type": "application/json"}
+        )
+        return np.asarray(json.loads(payload)["data"][0]["embedding"], dtype=np.float32)
+
+
+class V2TextClient(Client):
+    """POST /v2/models/M/infer with the BYTES ``text`` input, JSON in and out."""
+
+    async def open(self) -> None:
+        await super().open()
+        self.bodies = [
+            json.dumps(
+                {
+                    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}],
+                    "outputs": [{"name": POOLED}],
+                }
+            ).encode()
+            for t in self.texts
+        ]
+
+    async def embed(self, index: int) -> np.ndarray:
+        payload, _ = await self._post(
+            f"/v2/models/{self.model}/infer",
+            self.bodies[index],
+            {"Content-Type": "application/json"},
+        )
+        output = json.loads(payload)["outputs"][0]
+        return np.asarray(output["data"], dtype=np.float32)
+
+
+class V2TokensClient(Client):
+    """POST /v2/models/M/infer with INT64 token tensors in the binary extension, binary out."""
+
+    async def open(self) -> None:
+        await super().open()
+        self.bodies = [binary_token_body(token_arrays(ids, self.inputs)) for ids in self.ids]
+
+    async def embed(self, index: int) -> np.ndarray:
+        body, header_length = self.bodies[index]
+        payload, headers = await self._post(
+            f"/v2/models/{self.model}/infer",
+            body,
+            {
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(header_length),
+            },
+        )
+        size = int(headers["Inference-Header-Content-Length"])
+        return np.frombuffer(payload[size:], dtype="<f4").copy()
+
+
+def token_arrays(ids: list[int], inputs: list[str]) -> dict[str, np.ndarray]:
+    """One sentence's token tensors, exactly the engine's inputs (INT64, batch 1)."""
+    n = len(ids)
+    arrays = {
+        "input_ids": np.asarray([ids], dtype="<i8"),
+        "attention_mask": np.ones((1, n), dtype="<i8"),
+        "token_type_ids": np.zeros((1, n), dtype="<i8"),
+    }
+    return {name: arrays[name] for name in inputs}
+
+
+def binary_token_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": "INT64",
+                    "shape": list(array.shape),
+                    "parameters": {"binary_data_size": array.nbytes},
+                }
+                for name, array in arrays.items()
+            ],
+            "outputs": [{"name": POOLED, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + b"".join(a.tobytes() for a in arrays.values()), len(header)
+
+
+class GrpcClient(Client):
+    """tritonclient.grpc.aio ModelInfer with the ``text`` input or token tensors."""
+
+    tokens = False
+
+    async def open(self) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self.grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(self.url.split("://", 1)[1])
+        self.outputs = [grpcclient.InferRequestedOutput(POOLED)]
+        self.requests = [self._inputs(i) for i in range(len(self.texts))]
+
+    def _inputs(self, index: int) -> list[Any]:
+        grpcclient = self.grpc
+        if not self.tokens:
+            text = grpcclient.InferInput("text", [1], "BYTES")
+            text.set_data_from_numpy(np.array([self.texts[index].encode()], dtype=object))
+            return [text]
+        entries = []
+        for name, value in token_arrays(self.ids[index], self.inputs).items():
+            entry = grpcclient.InferInput(name, list(value.shape), "INT64")
+            entry.set_data_from_numpy(value)
+            entries.append(entry)
+        return entries
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def embed(self, index: int) -> np.ndarray:
+        result = await self.client.infer(self.model, self.requests[index], outputs=self.outputs)
+        return np.asarray(result.as_numpy(POOLED)[0], dtype=np.float32)
+
+
+class GrpcTokensClient(GrpcClient):
+    tokens = True
+
+
+CLIENTS: dict[str, type[Client]] = {
+    "openai": OpenAIClient,
+    "v2-text": V2TextClient,
+    "v2-tokens": V2TokensClient,
+    "grpc-text": GrpcClient,
+    "grpc-tokens": GrpcTokensClient,
+}
+
+
+def client_for(protocol: str, config: Any, ids: list[list[int]], inputs: list[str]) -> Client:
+    url = config.grpc_url if protocol.startswith("grpc") else config.url
+    return CLIENTS[protocol](url, config.model, config.texts, ids, inputs)

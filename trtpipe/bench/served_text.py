@@ -1,0 +1,279 @@
+"""Served real text: batch-1 requests of real sentences against a running server, every reply
+checked, beside the same engine's offline real-text figures from the same command.
+
+Per protocol (OpenAI ``/v1/embeddings``, v2 ``text`` input and v2 token-id tensors over HTTP, the
+same two over gRPC) and concurrency level, N closed-loop clients send one sentence each, in
+corpus order. Each reply's sentence embedding is checked against the engine's own batch-1
+result for that sentence. Offline references, measured in the bench process while the server
+is idle: the engine's sorted real-text throughput (whole corpus sorted by length) and an
+arrival-order figure (the corpus in order, batches of the concurrency, padded to their longest:
+all a server can do with what has arrived). The client's own CPU use is reported beside each
+level: on a 2-core machine the load generator competes with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtpipe.bench.served_clients import CLIENTS, Client, client_for
+from trtpipe.bench.stats import LatencyStats, median, ratio
+from trtpipe.devices import cpu_cores
+from trtpipe.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = tuple(CLIENTS)
+
+
+@dataclass
+class ServedTextConfig:
+    url: str
+    model: str
+    texts: list[str]
+    engine_dir: Path
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    protocols: list[str] = field(default_factory=lambda: ["openai"])
+    grpc_url: str | None = None
+    max_requests: int = 2000
+    duration_s: float = 10.0
+    c1_runs: int = 5
+    offline_runs: int = 3
+    threads: int | None = None
+
+
+@dataclass
+class Offline:
+    """The engine called directly on the same sentences."""
+
+    vectors: np.ndarray  # batch-1 sentence embedding per text, the reply check's reference
+    direct_p50_ms: float
+    sorted_per_s: float
+    arrival_per_s: dict[int, float]
+    ids: list[list[int]]
+    precision: str
+    inputs: list[str]
+
+
+def offline_figures(config: ServedTextConfig) -> Offline:
+    """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
+    from trtpipe.bench.common import default_device, engine_runner
+    from trtpipe.bench.text import pad_batch, plan_batches
+    from trtpipe.engine import EngineDir
+    from trtpipe.server.text_input import POOLED_OUTPUT
+    from trtpipe.text import load_tokenizer
+
+    engine = EngineDir(config.engine_dir)
+    manifest = engine.manifest
+    if POOLED_OUTPUT not in {s.name for s in manifest.outputs}:
+        raise InputError(
+            f"the served real-text bench checks {POOLED_OUTPUT!r}; {engine.path} has outputs "
+            f"{[s.name for s in manifest.outputs]}"
+        )
+    tokenizer = load_tokenizer(str(engine.path))
+    max_len = min(r.max[1] for r in manifest.profile.values() if len(r.max) == 2)
+    ids = tokenizer(config.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
+    lengths = np.array([len(t) for t in ids])
+    pad_id = tokenizer.pad_token_id or 0
+    runner = engine_runner(engine, default_device(manifest), config.threads or cpu_cores())
+    max_batch = manifest.max_batch_size
+    with runner:
+
+        def run(rows: np.ndarray) -> dict[str, np.ndarray]:
+            return runner.infer(pad_batch(ids, rows, manifest.inputs, pad_id))
+
+        vectors = np.stack([run(np.array([i]))[POOLED_OUTPUT][0] for i in range(len(ids))])
+        single = []
+        for i in range(min(len(ids), 200)):
+            start = time.perf_counter()
+            run(np.array([i]))
+            single.append(time.perf_counter() - start)
+
+        def timed_pass(batches: list[np.ndarray]) -> float:
+            start = time.perf_counter()
+            for rows in batches:
+                run(rows)
+            return len(ids) / (time.perf_counter() - start)
+
+        sorted_batches = plan_batches(lengths, max_batch)
+        timed_pass(sorted_batches)  # warm-up
+        sorted_rate = median([timed_pass(sorted_batches) for _ in range(config.offline_runs)])
+        arrival: dict[int, float] = {}
+        for level in config.concurrency:
+            size = min(level, max_batch)
+            batches = [np.arange(s, min(s + size, len(ids))) for s in range(0, len(ids), size)]
+            arrival[level] = median([timed_pass(batches) for _ in range(config.offline_runs)])
+    return Offline(
+        vectors=vectors.astype(np.float32),
+        direct_p50_ms=LatencyStats.from_seconds(single).p50_ms,
+        sorted_per_s=sorted_rate,
+        arrival_per_s=arrival,
+        ids=[list(t) for t in ids],
+        precision=manifest.precision,
+        inputs=[s.name for s in manifest.inputs],
+    )
+
+
+def agreement_floor(precision: str) -> float:
+    """Cosine a reply must reach against the engine's batch-1 vector for its own sentence.
+
+    fp32 replies differ only by padding and batch composition (~1e-6); int8 activations are
+    quantized per batch, so a row moves a little with its neighbours. Another sentence's
+    vector is far below either floor.
+    """
+    return 0.999 if precision in ("fp32", "fp16") else 0.98
+
+
+async def _level(
+    client: Client, config: ServedTextConfig, offline: Offline, concurrency: int
+) -> dict[str, Any]:
+    texts, count = config.texts, len(config.texts)
+    floor = agreement_floor(offline.precision)
+    await asyncio.gather(*(client.embed(i) for i in range(concurrency)))  # warm connections
+    latencies: list[float] = []
+    wrong: list[int] = []
+    errors: list[str] = []
+    issued = 0
+    cpu0, start = time.process_time(), time.perf_counter()
+    deadline = start + config.duration_s
+
+    async def worker() -> None:
+        nonlocal issued
+        while issued < config.max_requests and time.perf_counter() < deadline:
+            index = issued % count
+            issued += 1
+            sent = time.perf_counter()
+            try:
+                vector = await client.embed(index)
+            except Exception as exc:  # every client raises its own error types
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append(time.perf_counter() - sent)
+            expected = offline.vectors[index]
+            cosine = float(
+                np.dot(vector, expected)
+                / max(float(np.linalg.norm(vector) * np.linalg.norm(expected)), 1e-12)
+            )
+            if cosine < floor:
+                wrong.append(index)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    client_cpu = (time.process_time() - cpu0) / elapsed
+    if not latencies:
+        raise InputError(f"every request failed ({errors[0] if errors else '?'})")
+    rate = len(latencies) / elapsed
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "wrong_replies": len(wrong),
+        "requests_per_s": rate,
+        "latency_ms": LatencyStats.from_seconds(latencies).to_dict(),
+        "of_offline_sorted": ratio(rate, offline.sorted_per_s),
+        "of_offline_arrival": ratio(rate, offline.arrival_per_s.get(concurrency, 0.0)),
+        "client_cpu_share": client_cpu / (os.cpu_count() or 1),
+        "texts": len(texts),
+    }
+
+
+async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
+    client = client_for(protocol, config, offline.ids, offline.inputs)
+    await client.open()
+    try:
+        levels = []
+        for concurrency in config.concurrency:
+            runs = config.c1_runs if concurrency == 1 else 1
+            results = [await _level(client, config, offline, concurrency) for _ in range(runs)]
+            level = results[len(results) // 2] if runs == 1 else dict(results[0])
+            if runs > 1:
+                overheads = [r["latency_ms"]["p50_ms"] - offline.direct_p50_ms for r in results]
+                level["overhead_p50_ms_runs"] = overheads
+                level["overhead_p50_ms"] = median(overheads)
+                level["requests_per_s"] = median([r["requests_per_s"] for r in results])
+            levels.append(level)
+            log.info(
+                "%s c%d: %.1f req/s (%.0f%% of offline), wrong %d, client CPU %.0f%%",
+                protocol,
+                concurrency,
+                level["requests_per_s"],
+                100 * (level["of_offline_sorted"] or 0),
+                level["wrong_replies"],
+                100 * level["client_cpu_share"],
+            )
+        return {"protocol": protocol, "levels": levels}
+    finally:
+        await client.close()
+
+
+def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
+    """Offline references first (server idle), then every protocol and level."""
+    from trtpipe.bench.report import machine_info
+
+    unknown = sorted(set(config.protocols) - set(PROTOCOLS))
+    if unknown:
+        raise InputError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+    if any(p.startswith("grpc") for p in config.protocols) and not config.grpc_url:
+        raise InputError("gRPC protocols need --grpc-url HOST:PORT")
+    if config.max_requests < 1 or config.duration_s <= 0:
+        raise InputError("--requests and --duration must be positive")
+    offline = offline_figures(config)
+    protocols = [asyncio.run(_protocol(p, config, offline)) for p in config.protocols]
+    return {
+        "kind": "served_text",
+        "machine": machine_info(),
+        "served_text": {
+            "url": config.url,
+            "model": config.model,
+            "texts": len(config.texts),
+            "mean_tokens": float(np.mean([len(t) for t in offline.ids])),
+            "offline": {
+                "sorted_sentences_per_s": offline.sorted_per_s,
+                "arrival_sentences_per_s": offline.arrival_per_s,
+                "direct_batch1_p50_ms": offline.direct_p50_ms,
+                "precision": offline.precision,
+            },
+            "protocols": protocols,
+        },
+    }
+
+
+def served_text_table(data: dict[str, Any]) -> str:
+    offline = data["offline"]
+    lines = [
+        f"served real text: {data['model']} ({offline['precision']}), {data['texts']} sentences, "
+        f"mean {data['mean_tokens']:.1f} tokens",
+        f"offline, same engine and sentences: sorted {offline['sorted_sentences_per_s']:.1f}/s, "
+        f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms",
+        f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10}",
+    ]
+    for proto in data["protocols"]:
+        for level in proto["levels"]:
+            lines.append(
+                f"{proto['protocol']:<12} {level['concurrency']:>4} "
+                f"{level['requests_per_s']:>8.1f} {_pct(level['of_offline_sorted']):>9} "
+                f"{_pct(level['of_offline_arrival']):>10} "
+                f"{level['latency_ms']['p50_ms']:>8.2f} {level['latency_ms']['p99_ms']:>8.2f} "
+                f"{level['wrong_replies']:>6} {level['errors']:>6} "
+                f"{_pct(level['client_cpu_share']):>10}"
+            )
+            if "overhead_p50_ms" in level:
+                runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
+                lines.append(
+                    f"{'':<17} c1 p50 overhead over a direct batch-1 call: "
+                    f"{level['overhead_p50_ms']:.2f} ms (median of {runs})"
+                )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
