@@ -260,9 +260,10 @@ class Scheduler:
         self.stats.admitted += len(joining)
         survivors: list[Row] = []
         take: list[int] = []
+        best = np.argmax(logits, axis=-1).tolist()
         for i, seq in enumerate(joining):
             self.stats.prompt_tokens += len(seq.prompt_ids)
-            token = seq.choose(logits[i])
+            token = seq.choose(logits[i], best[i])
             self.stats.generated_tokens += 1
             if seq.accept(token, logits[i]):
                 self.stats.finished += 1
@@ -303,6 +304,7 @@ class Scheduler:
         self.batch.advance()
         self.stats.steps += 1
         self.stats.peak_rows = max(self.stats.peak_rows, len(self.batch.rows))
+        best = np.argmax(logits, axis=-1).tolist()  # one call for every greedy row
         for i, row in enumerate(self.batch.rows):
             if not row.live:
                 continue
@@ -310,7 +312,7 @@ class Scheduler:
                 row.live = False
                 self.stats.cancelled += 1
                 continue
-            token = row.seq.choose(logits[i])
+            token = row.seq.choose(logits[i], best[i])
             self.stats.generated_tokens += 1
             row.pending = token
             if row.seq.accept(token, logits[i]):

@@ -11,7 +11,6 @@ draws the same tokens whatever else shares its batch.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
@@ -107,7 +106,7 @@ class Sequence:
     first_token_at: float | None = None
 
     def __post_init__(self) -> None:
-        self._cancelled = threading.Event()
+        self.cancelled = False  # set by the caller's thread, read by the scheduler's
         self._text = IncrementalText(self.decode)
         self._sent = 0
         self._rng: np.random.Generator | None = None
@@ -126,11 +125,7 @@ class Sequence:
     # -- caller side ---------------------------------------------------------------------------
     def cancel(self) -> None:
         """The client went away: the scheduler retires the row before its next step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        self.cancelled = True
 
     @property
     def remaining(self) -> int:
@@ -138,10 +133,11 @@ class Sequence:
         return self.params.max_new_tokens - len(self.token_ids)
 
     # -- scheduler side ------------------------------------------------------------------------
-    def choose(self, logits: np.ndarray) -> int:
-        """The next token from this row's last-position logits [V] (the offline Sampler's draw)."""
+    def choose(self, logits: np.ndarray, best: int | None = None) -> int:
+        """The next token from this row's last-position logits [V] (the offline Sampler's draw);
+        ``best``: the row's argmax when the caller computed it for the whole batch."""
         if self._rng is None:
-            return int(np.argmax(logits))
+            return int(np.argmax(logits)) if best is None else best
         p = self.params
         probs = filter_logits(logits[None, :], p.temperature, p.top_k, p.top_p)[0]
         cdf = np.cumsum(probs)

@@ -1,0 +1,160 @@
+"""Served generation: tokens/s, TTFT and inter-token latency at several concurrency levels,
+beside the same engine's offline batched tokens/s measured in the same command.
+
+Each of ``c`` clients sends streaming ``/v1/completions`` requests one after another (a closed
+loop), greedy with EOS ignored, so every request generates exactly ``max_new_tokens`` tokens
+and the served figure compares like for like with the offline ``Generator`` at batch 1 and at
+batch ``c_max``. TTFT is measured from sending the request to its first token event;
+inter-token latency between consecutive token events of one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trtpipe.errors import InputError
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def _one_request(client: Any, url: str, body: dict[str, Any]) -> tuple[float, list[float]]:
+    """(start time, arrival time of every token event) of one streamed completion."""
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")[:300]
+            raise InputError(f"{url} answered {response.status_code}: {detail}")
+        async for line in response.aiter_lines():
+            if line.startswith('data: {"id"') and '"choices": []' not in line:
+                arrivals.append(time.perf_counter())
+            elif line.startswith('data: {"error"'):
+                raise InputError(f"{url} failed mid-stream: {line[6:300]}")
+    return start, arrivals
+
+
+async def _level(
+    url: str, model: str, prompts: Sequence[str], concurrency: int, per_client: int, tokens: int
+) -> dict[str, Any]:
+    import httpx
+
+    endpoint = url.rstrip("/") + "/v1/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    timeout = httpx.Timeout(300.0)
+    records: list[tuple[float, list[float]]] = []
+
+    async def client_loop(client: httpx.AsyncClient, number: int, count: int) -> None:
+        for j in range(count):
+            body = {
+                "model": model,
+                "prompt": prompts[(number * per_client + j) % len(prompts)],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            records.append(await _one_request(client, endpoint, body))
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await asyncio.gather(*(client_loop(client, i, 1) for i in range(concurrency)))  # warm-up
+        records.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, i, per_client) for i in range(concurrency)))
+        wall = time.perf_counter() - start
+    generated = sum(len(arrivals) for _, arrivals in records)
+    ttft = [arrivals[0] - begin for begin, arrivals in records if arrivals]
+    itl = [b - a for _, arrivals in records for a, b in itertools.pairwise(arrivals)]
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(1000 * value, 2)
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(generated / wall, 1) if wall > 0 else 0.0,
+        "ttft_ms_p50": ms(percentile(ttft, 50)),
+        "ttft_ms_p99": ms(percentile(ttft, 99)),
+        "itl_ms_p50": ms(percentile(itl, 50)),
+        "itl_ms_p99": ms(percentile(itl, 99)),
+    }
+
+
+def benchmark_served_generation(
+    url: str,
+    model: str,
+    engine_dir: str | Path | None,
+    prompts: Sequence[str],
+    concurrency: Sequence[int] = (1, 4, 16),
+    max_new_tokens: int = 64,
+    requests: int = 16,
+    runs: int = 3,
+) -> dict[str, Any]:
+    """Served levels, then (with ``engine_dir``) the offline batch-1 and batch-max figures.
+
+    The offline side runs after the served one, in this process, while the server idles, so
+    both sides see the same machine; run the server with the same device count.
+    """
+    if not prompts:
+        raise InputError("no prompts to send")
+    if not url.startswith("http"):
+        url = "http://" + url
+    levels = [
+        asyncio.run(_level(url, model, prompts, c, max(3, -(-requests // c)), max_new_tokens))
+        for c in concurrency
+    ]
+    offline: dict[str, float] = {}
+    if engine_dir is not None:
+        from trtpipe.generation.bench import benchmark_generation
+
+        for batch in sorted({1, max(concurrency)}):
+            sample = [prompts[i % len(prompts)] for i in range(max(batch, 4))]
+            result = benchmark_generation(engine_dir, sample, batch, max_new_tokens, runs=runs)
+            offline[f"batch_{batch}"] = float(result["tokens_per_s"])
+    for level in levels:
+        batch = level["concurrency"]
+        reference = offline.get(f"batch_{batch}")
+        if reference:
+            level["pct_of_offline_same_batch"] = round(100 * level["tokens_per_s"] / reference, 1)
+    return {
+        "url": url,
+        "model": model,
+        "max_new_tokens": max_new_tokens,
+        "requests_per_level": requests,
+        "levels": levels,
+        "offline_tokens_per_s": offline,
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The levels as a markdown table (the offline figures in the last column)."""
+    rows = [
+        "| concurrency | tokens/s | % of offline same batch | TTFT p50 / p99 ms "
+        "| inter-token p50 / p99 ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for level in result["levels"]:
+        pct = level.get("pct_of_offline_same_batch")
+        rows.append(
+            f"| c{level['concurrency']} | {level['tokens_per_s']:.0f} "
+            f"| {'' if pct is None else f'{pct:.0f}%'} "
+            f"| {level['ttft_ms_p50']} / {level['ttft_ms_p99']} "
+            f"| {level['itl_ms_p50']} / {level['itl_ms_p99']} |"
+        )
+    offline = ", ".join(f"{k}: {v:.0f} tok/s" for k, v in result["offline_tokens_per_s"].items())
+    if offline:
+        rows.append("")
+        rows.append(f"Offline (same engine, same command): {offline}.")
+    return "\n".join(rows)
