@@ -89,8 +89,13 @@ def require_visible(device: Device) -> None:
         return
     count = cuda_device_count()
     if count == 0:
+        # Name the cause (a driver older than cuda-python's runtime, no driver, cuda-python
+        # missing), not only its symptom.
+        from trtpipe.cuda import unusable_reason
+
+        reason = unusable_reason() or "no CUDA-capable device is detected"
         raise BackendUnavailableError(
-            f"{device} requested but no CUDA GPU is visible on this machine; "
+            f"{device} requested but no CUDA GPU is usable here: {reason}; "
             "use the CPU (--devices cpu:N, --device cpu)"
         )
     if device.index >= count:
