@@ -94,7 +94,7 @@ def serve_and_query() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
-        print(f"\nserver stopped on SIGTERM (exit code {code})")
+        print(f"\nSIGTERM: the server drained and exited with code {code}")
 
 
 def main() -> None:

@@ -239,3 +239,33 @@ def test_bench_options_of_another_mode(
     assert code == 2 and message in out, out
     assert "Traceback" not in out and "speedup" not in out  # refused before any work
     assert leftovers(tmp_path) == []
+
+
+def test_default_output_is_quiet(tiny_bert_dir: Path, tmp_path: Path):
+    """Without -v: trtpipe's own lines only. No TracerWarnings or deprecations from the export,
+    no ModelOpt lines (they came twice: its own handler and the root one), no ONNX Runtime
+    fusion warnings; the one ``wrote`` line per command still goes to stdout."""
+    import os
+    import subprocess
+    import sys
+
+    def trtpipe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "trtpipe.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
+    export = trtpipe("export", str(tiny_bert_dir), "-o", str(tmp_path / "onnx"))
+    build = trtpipe(
+        "build", str(tmp_path / "onnx" / "model.onnx"), "--fp16", "-o", str(tmp_path / "e")
+    )
+    for proc, first in ((export, "exporting "), (build, "building fp16 engine for ")):
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[0].startswith(first), proc.stderr
+        others = [line for line in lines[1:] if not line.startswith("INFO trtpipe.")]
+        assert others == [], proc.stderr
+        assert proc.stdout.startswith("wrote ") and proc.stdout.count("\n") == 1, proc.stdout
