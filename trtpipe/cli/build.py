@@ -8,7 +8,7 @@ import click
 from click.core import ParameterSource
 
 from trtpipe.errors import InputError
-from trtpipe.export import TASKS
+from trtpipe.export import BUILD_TASKS
 
 
 @click.command("build")
@@ -53,8 +53,9 @@ from trtpipe.export import TASKS
 @click.option("--max-shapes", help="Profile maximum, e.g. input_ids:32x512.")
 @click.option(
     "--task",
-    type=click.Choice(TASKS),
-    help="Model task, when the ONNX file has no export info or config.json beside it.",
+    type=click.Choice(BUILD_TASKS),
+    help="Override the detected task (export info, else config.json, else tensor: an ONNX "
+    "file that is not a Hugging Face export, served as plain tensors).",
 )
 @click.option("--workspace-mb", type=click.IntRange(1), default=4096, show_default=True)
 @click.option(

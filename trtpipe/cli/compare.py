@@ -34,6 +34,13 @@ import click
 )
 @click.option("--reference", help="Reference model (default: the manifest's source model).")
 @click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(path_type=Path),
+    help="Plain-tensor engines: an .npz with one array per input (batch first) instead of "
+    "random inputs in the profile.",
+)
+@click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON."
 )
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -73,12 +80,13 @@ def command(
     min_top1: float | None,
     new_tokens: int,
     min_greedy: float | None,
+    inputs_file: Path | None = None,
 ) -> None:
     """Compare ENGINE_DIR against its PyTorch model; exit 0 only within tolerance."""
     from trtpipe.compare import CompareReport, Tolerances, compare_engine
     from trtpipe.devices import parse_device
     from trtpipe.engine import EngineDir
-    from trtpipe.errors import AccuracyError
+    from trtpipe.errors import AccuracyError, InputError
     from trtpipe.jsonfile import check_writable
 
     engine = EngineDir(engine_dir)
@@ -102,10 +110,27 @@ def command(
     ):
         if value is not None:
             setattr(tolerances, field_name, value)
-    if decoder:
+    if inputs_file is not None and engine.manifest.task != "tensor":
+        raise InputError(
+            f"--inputs is for plain-tensor engines; {engine_dir} is a {engine.manifest.task} "
+            "engine (use --texts or --random)"
+        )
+    if inputs_file is not None:
+        from trtpipe.compare_tensor import compare_tensor_engine
+
+        report: CompareReport = compare_tensor_engine(
+            engine,
+            tolerances,
+            random_samples,
+            inputs_file,
+            reference,
+            batch_size,
+            parse_device(device),
+        )
+    elif decoder:
         from trtpipe.compare_decoder import compare_decoder_engine
 
-        report: CompareReport = compare_decoder_engine(
+        report = compare_decoder_engine(
             engine,
             tolerances,
             texts_file=texts,
