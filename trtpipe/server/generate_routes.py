@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -95,7 +95,37 @@ class Submitted:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         self.cancel()
-        self.sink.queue.put_nowait((0, ClientGoneError("client disconnected")))
+        self.sink.put_tagged(0, ClientGoneError("client disconnected"))
+
+
+def sse_response(
+    job: Submitted,
+    render: Callable[[int, TokenEvent], str],
+    openai: bool,
+    head: dict[str, Any] | None = None,
+    usage: bool = False,
+    opening: str = "",
+) -> StreamingResponse:
+    """Server-sent events for ``job``: every burst of token events written as one chunk, then
+    (OpenAI) the usage chunk when asked for and ``[DONE]``; closing the stream cancels."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if opening:
+                yield opening
+            async for burst in job.sink.bursts(len(job.seqs)):
+                yield "".join(render(index, event) for index, event in burst)
+            if openai:
+                if usage:
+                    counts = wire.usage(job.prompt_tokens, job.completion_tokens)
+                    yield sse({**(head or {}), "choices": [], "usage": counts})
+                yield "data: [DONE]\n\n"
+        except Exception as exc:  # the stream has started: report in-band
+            yield sse(stream_error(exc, openai))
+        finally:
+            job.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def generate_router(models: Mapping[str, Any]) -> APIRouter:
@@ -169,24 +199,18 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
         except Exception as exc:
             return error_response(exc, openai=False)
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for _, event in job.sink.events(1):
-                    payload: dict[str, Any] = {
-                        "model_name": name,
-                        "model_version": "1",
-                        "text_output": event.text,
-                        "token_id": event.token_id,
-                    }
-                    if event.finish_reason is not None:
-                        payload["finish_reason"] = event.finish_reason
-                    yield sse(payload)
-            except Exception as exc:  # the stream has started: report in-band
-                yield sse(stream_error(exc, openai=False))
-            finally:
-                job.cancel()
+        def render(_: int, event: TokenEvent) -> str:
+            payload: dict[str, Any] = {
+                "model_name": name,
+                "model_version": "1",
+                "text_output": event.text,
+                "token_id": event.token_id,
+            }
+            if event.finish_reason is not None:
+                payload["finish_reason"] = event.finish_reason
+            return sse(payload)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return sse_response(job, render, openai=False)
 
     # -- OpenAI ---------------------------------------------------------------------------------
     @router.get("/v1/models/{model_id}")
@@ -264,32 +288,20 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
         job = jobs[0]
         offsets = [0] * options.n
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for index, event in job.sink.events(len(job.seqs)):
-                    logprobs = None
-                    if options.logprobs is not None:
-                        logprobs = wire.completion_logprobs(
-                            [event], model.token_text, offsets[index]
-                        )
-                        offsets[index] += len(logprobs["tokens"][0])
-                    choice = {
-                        "text": event.text,
-                        "index": index,
-                        "logprobs": logprobs,
-                        "finish_reason": event.finish_reason,
-                    }
-                    yield sse({**head, "choices": [choice]})
-                if options.include_usage:
-                    counts = wire.usage(job.prompt_tokens, job.completion_tokens)
-                    yield sse({**head, "choices": [], "usage": counts})
-                yield "data: [DONE]\n\n"
-            except Exception as exc:
-                yield sse(stream_error(exc, openai=True))
-            finally:
-                job.cancel()
+        def render(index: int, event: TokenEvent) -> str:
+            logprobs = None
+            if options.logprobs is not None:
+                logprobs = wire.completion_logprobs([event], model.token_text, offsets[index])
+                offsets[index] += len(logprobs["tokens"][0])
+            choice = {
+                "text": event.text,
+                "index": index,
+                "logprobs": logprobs,
+                "finish_reason": event.finish_reason,
+            }
+            return sse({**head, "choices": [choice]})
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return sse_response(job, render, openai=True, head=head, usage=options.include_usage)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -331,27 +343,22 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return sse({**head, "choices": [choice]})
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                for i in range(len(job.seqs)):
-                    yield chunk(i, {"role": "assistant", "content": ""}, None)
-                async for index, event in job.sink.events(len(job.seqs)):
-                    logprobs = None
-                    if options.logprobs is not None:
-                        logprobs = wire.chat_logprobs([event], model.token_text)
-                    if event.text or logprobs is not None:
-                        yield chunk(index, {"content": event.text}, None, logprobs)
-                    if event.finish_reason is not None:
-                        yield chunk(index, {}, event.finish_reason)
-                if options.include_usage:
-                    counts = wire.usage(job.prompt_tokens, job.completion_tokens)
-                    yield sse({**head, "choices": [], "usage": counts})
-                yield "data: [DONE]\n\n"
-            except Exception as exc:
-                yield sse(stream_error(exc, openai=True))
-            finally:
-                job.cancel()
+        def render(index: int, event: TokenEvent) -> str:
+            out = ""
+            logprobs = None
+            if options.logprobs is not None:
+                logprobs = wire.chat_logprobs([event], model.token_text)
+            if event.text or logprobs is not None:
+                out += chunk(index, {"content": event.text}, None, logprobs)
+            if event.finish_reason is not None:
+                out += chunk(index, {}, event.finish_reason)
+            return out
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        opening = "".join(
+            chunk(i, {"role": "assistant", "content": ""}, None) for i in range(len(job.seqs))
+        )
+        return sse_response(
+            job, render, openai=True, head=head, usage=options.include_usage, opening=opening
+        )
 
     return router

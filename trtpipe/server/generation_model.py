@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import asdict
@@ -26,25 +27,53 @@ log = logging.getLogger(__name__)
 
 
 class AsyncSink:
-    """Events of several sequences into one asyncio queue, tagged with the choice index."""
+    """Events of several sequences for one asyncio consumer, tagged with the choice index.
+
+    The scheduler thread appends to a deque and wakes the loop only when the consumer is not
+    already due to look, so a consumer that falls behind receives a burst in one wake-up
+    (and the routes write it as one chunk) instead of one loop callback per token.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
         self.loop = loop or asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+        self.pending: deque[tuple[int, TokenEvent | BaseException]] = deque()
+        self._ready = asyncio.Event()
+        self._armed = False
 
     def tagged(self, index: int) -> _TaggedSink:
         return _TaggedSink(self, index)
 
-    async def events(self, count: int) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(choice index, event) until all ``count`` sequences have finished."""
+    def put_tagged(self, index: int, item: TokenEvent | BaseException) -> None:
+        """Any thread: queue an event (the loop is woken once per burst)."""
+        self.pending.append((index, item))
+        if not self._armed:
+            self._armed = True
+            self.loop.call_soon_threadsafe(self._ready.set)
+
+    async def bursts(self, count: int) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
+        """Lists of (choice index, event) as they arrive, until ``count`` sequences finish."""
         open_ = count
         while open_:
-            index, item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.finish_reason is not None:
-                open_ -= 1
-            yield index, item
+            if not self.pending:
+                await self._ready.wait()
+                self._ready.clear()
+                self._armed = False  # before looking again, so a new event re-arms
+                continue
+            burst: list[tuple[int, TokenEvent]] = []
+            while self.pending and open_:
+                index, item = self.pending.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    open_ -= 1
+                burst.append((index, item))
+            yield burst
+
+    async def events(self, count: int) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) until all ``count`` sequences have finished."""
+        async for burst in self.bursts(count):
+            for entry in burst:
+                yield entry
 
 
 class _TaggedSink:
@@ -52,7 +81,7 @@ class _TaggedSink:
         self.shared, self.index = shared, index
 
     def put(self, item: TokenEvent | BaseException) -> None:
-        self.shared.loop.call_soon_threadsafe(self.shared.queue.put_nowait, (self.index, item))
+        self.shared.put_tagged(self.index, item)
 
 
 class ServedGeneration:
