@@ -223,8 +223,8 @@ def test_conflicting_max_shapes_name_both_inputs(tiny_bert_onnx: Path, tmp_path:
         (["--concurrency", "4"], "--concurrency applies to the online mode (--url), not to the "
          "offline mode (ENGINE_DIR)"),
         (["--max-new-tokens", "8"], "--max-new-tokens applies to the generation mode"),
-        (["--generate", "--texts", "x.txt"], "--texts applies to the offline mode (ENGINE_DIR), "
-         "not to the generation mode (--generate)"),
+        (["--generate", "--texts", "x.txt"], "--texts applies to the offline mode (ENGINE_DIR) "
+         "or the online mode (--url), not to the generation mode (--generate)"),
         (["--url", "127.0.0.1:9", "--model", "m"], "give the served engine as --engine-dir"),
         (["--url", "127.0.0.1:9", "--generate"], "give one of them"),
         (["--text-limit", "0"], "Invalid value for '--text-limit'"),
@@ -269,3 +269,21 @@ def test_default_output_is_quiet(tiny_bert_dir: Path, tmp_path: Path):
         others = [line for line in lines[1:] if not line.startswith("INFO trtpipe.")]
         assert others == [], proc.stderr
         assert proc.stdout.startswith("wrote ") and proc.stdout.count("\n") == 1, proc.stdout
+
+
+def test_report_files_that_cannot_be_written(tiny_bert_engine: Path, tmp_path: Path):
+    """--json / --plot where no file can go: said before the run, not as a traceback after it."""
+    cases = [
+        ("compare", "--random", "2", "--json", "/proc/r.json"),
+        ("bench", "--baseline", "none", "--runs", "1", "--json", "/proc/b.json"),
+        ("bench", "--baseline", "none", "--runs", "1", "--plot", "/proc/b.png"),
+    ]
+    for command, *options in cases:
+        code, out = invoke(command, str(tiny_bert_engine), *options)
+        option, path = options[-2:]
+        assert code == 2, out
+        assert error_line(out).startswith(f"error: {option} {path}: cannot write in /proc (")
+        assert "PASSED" not in out and "speedup" not in out  # refused before any work
+    code, out = invoke("bench", str(tiny_bert_engine), "--plot", str(tmp_path))
+    assert code == 2 and f"--plot {tmp_path} is a directory; give a file name" in error_line(out)
+    assert leftovers(tmp_path) == []

@@ -116,15 +116,16 @@ PATH = click.Path(path_type=Path)
 def command(engine_dir: Path | None, **options: Any) -> None:
     """Benchmark ENGINE_DIR against PyTorch, or a running server with --url."""
     from trtpipe.bench.report import write_plot
+    from trtpipe.cli.paths import check_output_file
     from trtpipe.errors import InputError
-    from trtpipe.jsonfile import check_writable, write_json
+    from trtpipe.jsonfile import write_json
 
     json_path, plot_path = options.pop("json_path"), options.pop("plot_path")
     _check_mode_options(engine_dir, options)
     if json_path:
-        check_writable(json_path)
+        check_output_file(json_path, "--json")
     if plot_path:
-        check_writable(plot_path, "--plot")
+        check_output_file(plot_path, "--plot")
     if options["url"]:
         report = _online(options)
     elif engine_dir is None:

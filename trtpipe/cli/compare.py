@@ -83,15 +83,15 @@ def command(
     inputs_file: Path | None = None,
 ) -> None:
     """Compare ENGINE_DIR against its PyTorch model; exit 0 only within tolerance."""
+    from trtpipe.cli.paths import check_output_file
     from trtpipe.compare import CompareReport, Tolerances, compare_engine
     from trtpipe.devices import parse_device
     from trtpipe.engine import EngineDir
     from trtpipe.errors import AccuracyError, InputError
-    from trtpipe.jsonfile import check_writable
 
     engine = EngineDir(engine_dir)
     if json_path:
-        check_writable(json_path)
+        check_output_file(json_path, "--json")
     from trtpipe.generation.kv_cache import is_decoder
 
     decoder = is_decoder(engine.manifest.inputs)

@@ -49,10 +49,11 @@ def command(
     json_path: Path | None,
 ) -> None:
     """Generate text with a decoder engine (KV cache on the device between steps)."""
+    from trtpipe.cli.paths import check_output_file
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
     from trtpipe.generation import Generator, SamplingParams
-    from trtpipe.jsonfile import check_writable, write_json
+    from trtpipe.jsonfile import write_json
     from trtpipe.text import read_texts
 
     if bool(prompts) == bool(prompts_file):
@@ -73,7 +74,7 @@ def command(
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     targets = parse_gpus(gpus) if gpus else parse_devices(devices or "cpu")
     if json_path:
-        check_writable(json_path)
+        check_output_file(json_path, "--json")
     with Generator(engine_dir, targets, threads) as generator:
         run = generator.run(texts, params, batch_size)
     for result in run.results:

@@ -21,15 +21,35 @@ def check_output_dir(path: Path, option: str = "-o") -> None:
     final = Path(os.path.abspath(given))
     if final.exists() and not final.is_dir():
         raise InputError(f"{option} {given} exists and is not a directory")
+    _probe_parent(given, final, option, directory=True)
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """The same for a report file (``--json``, ``--plot``): written after a long run, so a
+    directory in its place or a parent that cannot take files is said now."""
+    given = Path(path)
+    final = Path(os.path.abspath(given))
+    if final.is_dir():
+        raise InputError(f"{option} {given} is a directory; give a file name")
+    _probe_parent(given, final, option, directory=False)
+
+
+def _probe_parent(given: Path, final: Path, option: str, directory: bool) -> None:
+    """Make and remove a temp entry in the nearest existing parent of ``final``."""
     for parent in final.parents:
         if not parent.exists():
             continue
         if not parent.is_dir():
             raise InputError(f"{option} {given}: {parent} is a file, not a directory")
+        prefix = f".{final.name}.check-"
         try:
-            probe = tempfile.mkdtemp(prefix=f".{final.name}.check-", dir=parent)
+            if directory:
+                os.rmdir(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            else:
+                handle, probe = tempfile.mkstemp(prefix=prefix, dir=parent)
+                os.close(handle)
+                os.unlink(probe)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise InputError(f"{option} {given}: cannot write in {parent} ({reason})") from exc
-        os.rmdir(probe)
         return
