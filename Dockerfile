@@ -11,7 +11,7 @@
 # One CUDA major throughout: the pinned onnxruntime-gpu and cupy-cuda12x wheels are CUDA 12
 # builds, so the base is CUDA 12 (with cuDNN 9 for ONNX Runtime's CUDA provider), TensorRT and
 # cuda-python come as their CUDA 12 wheels, and PyTorch (the fp16 GPU baseline of `bench` and
-# the reference of `compare`) is its CUDA 12 build. Needs a driver for CUDA 12.8 or newer.
+# the reference of `compare`) is its CUDA 12 build. Needs a driver for CUDA 12.9 or newer.
 # Engines are tied to the GPU architecture and TensorRT version: build them with this image.
 ARG CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-runtime-ubuntu24.04
 

@@ -287,3 +287,19 @@ def test_report_files_that_cannot_be_written(tiny_bert_engine: Path, tmp_path: P
     code, out = invoke("bench", str(tiny_bert_engine), "--plot", str(tmp_path))
     assert code == 2 and f"--plot {tmp_path} is a directory; give a file name" in error_line(out)
     assert leftovers(tmp_path) == []
+
+
+def test_timing_cache_that_cannot_be_written(tiny_bert_onnx: Path, tmp_path: Path):
+    """TensorRT updates --timing-cache after the build: an unwritable place is said first."""
+    from tests.fakes.install import installed_fakes
+
+    with installed_fakes():
+        code, out = invoke(
+            "build", str(tiny_bert_onnx), "--backend", "tensorrt",
+            "--timing-cache", "/proc/trt.cache", "-o", str(tmp_path / "engine"),
+        )  # fmt: skip
+    assert code == 2
+    assert error_line(out).startswith(
+        "error: --timing-cache /proc/trt.cache: cannot write in /proc ("
+    )
+    assert "building" not in out and leftovers(tmp_path) == []

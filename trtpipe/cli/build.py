@@ -94,7 +94,7 @@ def command(
     from trtpipe.build import BuildConfig, build_engine_dir, resolve_backend
     from trtpipe.build.profile import parse_shapes
     from trtpipe.cli.logs import quiet_modelopt
-    from trtpipe.cli.paths import check_output_dir
+    from trtpipe.cli.paths import check_output_dir, check_output_file
     from trtpipe.devices import Device, parse_device, require_visible
     from trtpipe.text import read_texts
 
@@ -110,6 +110,8 @@ def command(
     if device:
         require_visible(target)
     check_output_dir(output)
+    if timing_cache is not None and chosen == "tensorrt":
+        check_output_file(timing_cache, "--timing-cache")  # updated after the build
     config = BuildConfig(
         onnx_path=onnx_path,
         output=output,
