@@ -37,7 +37,7 @@ async def _one_request(client: Any, url: str, body: dict[str, Any]) -> tuple[flo
             detail = (await response.aread()).decode(errors="replace")[:300]
             raise InputError(f"{url} answered {response.status_code}: {detail}")
         async for line in response.aiter_lines():
-            if line.startswith('data: {"id"') and '"choices": []' not in line:
+            if line.startswith('data: {"id"') and '"usage"' not in line:
                 arrivals.append(time.perf_counter())
             elif line.startswith('data: {"error"'):
                 raise InputError(f"{url} failed mid-stream: {line[6:300]}")

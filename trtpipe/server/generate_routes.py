@@ -12,12 +12,12 @@ their batch rows at the next step.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -57,8 +57,8 @@ def stream_error(exc: BaseException, openai: bool) -> dict[str, Any]:
     return {"error": {"message": message, "type": "server_error"}} if openai else {"error": message}
 
 
-def sse(payload: Any) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
+def sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class Submitted:
@@ -100,26 +100,26 @@ class Submitted:
 
 def sse_response(
     job: Submitted,
-    render: Callable[[int, TokenEvent], str],
+    render: Callable[[int, TokenEvent], bytes],
     openai: bool,
     head: dict[str, Any] | None = None,
     usage: bool = False,
-    opening: str = "",
+    opening: bytes = b"",
 ) -> StreamingResponse:
     """Server-sent events for ``job``: every burst of token events written as one chunk, then
     (OpenAI) the usage chunk when asked for and ``[DONE]``; closing the stream cancels."""
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         try:
             if opening:
                 yield opening
             async for burst in job.sink.bursts(len(job.seqs)):
-                yield "".join(render(index, event) for index, event in burst)
+                yield b"".join(render(index, event) for index, event in burst)
             if openai:
                 if usage:
                     counts = wire.usage(job.prompt_tokens, job.completion_tokens)
                     yield sse({**(head or {}), "choices": [], "usage": counts})
-                yield "data: [DONE]\n\n"
+                yield b"data: [DONE]\n\n"
         except Exception as exc:  # the stream has started: report in-band
             yield sse(stream_error(exc, openai))
         finally:
@@ -199,7 +199,7 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
         except Exception as exc:
             return error_response(exc, openai=False)
 
-        def render(_: int, event: TokenEvent) -> str:
+        def render(_: int, event: TokenEvent) -> bytes:
             payload: dict[str, Any] = {
                 "model_name": name,
                 "model_version": "1",
@@ -288,7 +288,7 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
         job = jobs[0]
         offsets = [0] * options.n
 
-        def render(index: int, event: TokenEvent) -> str:
+        def render(index: int, event: TokenEvent) -> bytes:
             logprobs = None
             if options.logprobs is not None:
                 logprobs = wire.completion_logprobs([event], model.token_text, offsets[index])
@@ -339,12 +339,12 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
 
         head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name}
 
-        def chunk(index: int, delta: dict[str, Any], finish: str | None, lp: Any = None) -> str:
+        def chunk(index: int, delta: dict[str, Any], finish: str | None, lp: Any = None) -> bytes:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return sse({**head, "choices": [choice]})
 
-        def render(index: int, event: TokenEvent) -> str:
-            out = ""
+        def render(index: int, event: TokenEvent) -> bytes:
+            out = b""
             logprobs = None
             if options.logprobs is not None:
                 logprobs = wire.chat_logprobs([event], model.token_text)
@@ -354,7 +354,7 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
                 out += chunk(index, {}, event.finish_reason)
             return out
 
-        opening = "".join(
+        opening = b"".join(
             chunk(i, {"role": "assistant", "content": ""}, None) for i in range(len(job.seqs))
         )
         return sse_response(

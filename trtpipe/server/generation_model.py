@@ -108,7 +108,13 @@ class ServedGeneration:
 
     # -- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        """Prompt ids as ``tokenizer(prompt)`` gives them; through the fast tokenizer's Rust
+        ``encode`` when no padding/truncation is set on it (the wrapper costs more than that)."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            ids = list(backend.encode(prompt, add_special_tokens=True).ids)
+        else:
+            ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if not ids:
             raise InputError("the prompt tokenizes to nothing; give some text")
         return ids
