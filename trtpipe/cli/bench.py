@@ -28,9 +28,15 @@ PATH = click.Path(path_type=Path)
 )
 @click.option("--batch-sizes", help="Fixed-shape batch sizes, e.g. 1,8,32.")
 @click.option("--seq-lens", help="Fixed-shape sequence lengths, e.g. 32,128.")
-@click.option("--runs", type=int, default=10, show_default=True, help="Timed calls per side.")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls first.")
-@click.option("--threads", type=int, help="CPU threads for each side (default: all cores).")
+@click.option(
+    "--runs", type=click.IntRange(1), default=10, show_default=True, help="Timed calls per side."
+)
+@click.option(
+    "--warmup", type=click.IntRange(0), default=2, show_default=True, help="Untimed calls first."
+)
+@click.option(
+    "--threads", type=click.IntRange(1), help="CPU threads for each side (default: all cores)."
+)
 @click.option("--device", help="cpu or cuda:I (default: by the engine's backend).")
 @click.option("--reference", help="Baseline model (default: the manifest's source model).")
 @click.option("--texts", type=PATH, help="Real text, one per line: end-to-end sentences/s.")
