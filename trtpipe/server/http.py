@@ -11,6 +11,7 @@ import base64
 import logging
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtpipe import __version__
 from trtpipe.errors import TrtpipeError
-from trtpipe.server.errors import ModelNotFoundError, classify
+from trtpipe.server.errors import ModelNotFoundError, WireError, classify
 from trtpipe.server.metrics import CONTENT_TYPE, ServerMetrics
 from trtpipe.server.protocol import (
     ProtocolError,
@@ -36,7 +37,7 @@ from trtpipe.server.served_model import ServedModel
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "trtpipe"
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
 HEADER_LENGTH = "inference-header-content-length"
 OFFLOAD_BYTES = 1 << 20  # decode/encode bodies larger than this off the event loop
 MAX_EMBEDDING_INPUTS = 2048
@@ -128,12 +129,10 @@ def create_http_app(
     )
 
     @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    async def openai_error(request: Request, exc: OpenAIError) -> Response:
         wire = classify(exc.cause)
-        kind = "invalid_request_error" if wire.http_status < 500 else "server_error"
-        return JSONResponse(
-            {"error": {"message": wire.message, "type": kind, "param": None, "code": None}},
-            status_code=wire.http_status,
+        return Response(
+            openai_error_body(wire), status_code=wire.http_status, media_type="application/json"
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -201,22 +200,10 @@ def create_http_app(
     async def model_config(name: str, version: str = "") -> JSONResponse:
         return JSONResponse(repository.get(name, version).model_config())
 
-    @app.post("/v2/repository/index")
-    async def repository_index() -> JSONResponse:
-        return JSONResponse(
-            [
-                {
-                    "name": m.name,
-                    "version": m.version,
-                    "state": "READY" if m.ready else "UNAVAILABLE",
-                }
-                for m in repository
-            ]
-            + [
-                {"name": name, "version": "1", "state": "READY"}
-                for name in sorted(repository.generators)
-            ]
-        )
+    # Repository extension: index, load, unload (trtpipe.server.repository_routes).
+    from trtpipe.server.repository_routes import repository_router
+
+    app.include_router(repository_router(repository))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -226,17 +213,14 @@ def create_http_app(
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str = "") -> Response:
-        model = repository.get(name, version)
-        started = time.perf_counter_ns()
-        ok = False
-        try:
-            body = await read_body(request, max_body_bytes)
-            payload, header_length = await run_infer(
-                model, body, request.headers.get(HEADER_LENGTH)
-            )
-            ok = True
-        finally:
-            model.record(ok, started)
+        # Served by trtpipe.server.fast_path for tensor models; generation models land here.
+        payload, header_length = await infer_reply(
+            repository,
+            name,
+            version,
+            lambda: read_body(request, max_body_bytes),
+            request.headers.get(HEADER_LENGTH),
+        )
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
@@ -262,35 +246,69 @@ def create_http_app(
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> JSONResponse:
+    async def embeddings(request: Request) -> Response:
+        # Served by trtpipe.server.fast_path; kept for /openapi.json and direct ASGI use.
         try:
-            body = await read_body(request, max_body_bytes)
-            texts, model, encoding = parse_embeddings_request(body, repository)
+            payload = await embeddings_reply(repository, lambda: read_body(request, max_body_bytes))
         except Exception as exc:
             raise OpenAIError(exc) from exc
-        started = time.perf_counter_ns()
-        ok = False
-        try:
-            vectors, tokens = await model.embed(texts)
-            ok = True
-        except Exception as exc:
-            raise OpenAIError(exc) from exc
-        finally:
-            model.record(ok, started)
-        data = [
-            {"object": "embedding", "index": i, "embedding": embedding_value(v, encoding)}
-            for i, v in enumerate(vectors)
-        ]  # float vectors stay numpy arrays: orjson writes them without a Python list
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": data,
-                "model": model.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
-        )
+        return Response(payload, media_type="application/json")
 
     return app
+
+
+BodyReader = Callable[[], Awaitable[bytes]]
+
+
+async def infer_reply(
+    repository: ModelRepository,
+    name: str,
+    version: str,
+    read: BodyReader,
+    header_length: str | None,
+) -> tuple[bytes, int | None]:
+    """One v2 infer request of a tensor model, counted in the model's statistics."""
+    model = repository.get(name, version)
+    started = time.perf_counter_ns()
+    ok = False
+    try:
+        body = await read()
+        reply = await run_infer(model, body, header_length)
+        ok = True
+        return reply
+    finally:
+        model.record(ok, started)
+
+
+async def embeddings_reply(repository: ModelRepository, read: BodyReader) -> bytes:
+    """One /v1/embeddings request: the OpenAI response body, counted in the model's statistics."""
+    texts, model, encoding = parse_embeddings_request(await read(), repository)
+    started = time.perf_counter_ns()
+    ok = False
+    try:
+        vectors, tokens = await model.embed(texts)
+        ok = True
+    finally:
+        model.record(ok, started)
+    # Float vectors stay numpy arrays: orjson writes them without a Python list.
+    data = [
+        {"object": "embedding", "index": i, "embedding": embedding_value(v, encoding)}
+        for i, v in enumerate(vectors)
+    ]
+    document = {
+        "object": "list",
+        "data": data,
+        "model": model.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def openai_error_body(wire: WireError) -> bytes:
+    """An error in OpenAI's shape (what the openai client parses)."""
+    kind = "invalid_request_error" if wire.http_status < 500 else "server_error"
+    error = {"message": wire.message, "type": kind, "param": None, "code": None}
+    return orjson.dumps({"error": error})
 
 
 async def run_infer(
