@@ -222,14 +222,16 @@ def test_online_sweep_against_a_real_server(tiny_bert_engine: Path, tmp_path: Pa
         # Past the model's 64 positions: the server's 400, said once (was a 53-line traceback).
         too_long = CliRunner().invoke(
             cli,
-            ["bench", "--url", url, "--model", "tiny", "--seq-len", "500", "--concurrency", "1"],
-        )
+            ["bench", "--url", url, "--model", "tiny", "--seq-len", "500", "--concurrency", "1",
+             "--json", str(tmp_path / "never.json")],
+        )  # fmt: skip
         assert too_long.exit_code == 2 and "Traceback" not in too_long.output
         lines = too_long.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(
             f"error: {url} refused a request of 500 tokens for model 'tiny': "
         )
         assert "1..64" in lines[0] and lines[0].endswith("; lower --seq-len")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["online.json"]  # nothing new
     finally:
         server.stop()
 

@@ -373,7 +373,7 @@ def test_tensorrt_decoder_under_fakes_matches_onnxruntime(decoder: dict, tmp_pat
     assert [r.token_ids for r in results] == expected
 
 
-def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict) -> None:
+def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict, tmp_path: Path) -> None:
     """``bench --url`` sends KServe v2 tensor requests; a served generation engine used to get
     "not ready; check the name", though the name was right."""
     if decoder["name"] != "llama":
@@ -387,8 +387,10 @@ def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict) -> N
     try:
         url = f"127.0.0.1:{server.server.http_port}"
         result = CliRunner().invoke(
-            cli, ["bench", "--url", url, "--model", "llm", "--concurrency", "1"]
-        )
+            cli,
+            ["bench", "--url", url, "--model", "llm", "--concurrency", "1",
+             "--json", str(tmp_path / "never.json")],
+        )  # fmt: skip
     finally:
         server.stop()
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -396,3 +398,4 @@ def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict) -> N
         f"error: model 'llm' on {url} is a text-generation engine; the online bench sends "
         "tensor requests to KServe v2 infer. Benchmark it with trtpipe bench ENGINE_DIR --generate"
     ]
+    assert list(tmp_path.iterdir()) == []
