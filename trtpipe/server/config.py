@@ -25,6 +25,8 @@ class ServeConfig:
     warmup: bool = True
     # Replace the engine with a zero-cost runner of the same signature (front-end ceiling).
     null_runner: bool = False
+    # Intra-op threads per CPU worker (None: the machine's cores split across CPU workers).
+    threads_per_cpu_worker: int | None = None
 
 
 PoolFactory = Callable[[EngineDir, ServeConfig], Any]
@@ -36,7 +38,11 @@ def default_pool_factory(engine: EngineDir, config: ServeConfig) -> Any:
     from trtpipe.runtime.warmup import warming_factory
 
     pool = DevicePool.for_engine(
-        engine, config.devices, policy=config.policy, retry_on_failure=config.retry_on_failure
+        engine,
+        config.devices,
+        policy=config.policy,
+        retry_on_failure=config.retry_on_failure,
+        threads_per_cpu_worker=config.threads_per_cpu_worker,
     )
     if config.null_runner:
         from trtpipe.runners.null import NullRunner
