@@ -14,6 +14,21 @@ import click
     metavar="NAME=DIR",
     help="Serve DIR under model name NAME (repeatable); plain ENGINE_DIRs use the dir name.",
 )
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["none", "explicit"]),
+    default="none",
+    show_default=True,
+    help="As Triton: none serves every model given; explicit loads/unloads models of the "
+    "repository by name at run time (POST /v2/repository/models/NAME/load|unload).",
+)
+@click.option(
+    "--load-model",
+    "load_models",
+    multiple=True,
+    metavar="NAME",
+    help="Explicit mode: a model to load at startup (repeatable; * for all).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--http-port",
@@ -54,10 +69,11 @@ import click
 )
 @click.option(
     "--policy",
-    type=click.Choice(["round_robin", "least_busy"]),
-    default="round_robin",
+    type=click.Choice(["shared_queue", "round_robin", "least_busy"]),
+    default="shared_queue",
     show_default=True,
-    help="How batches are dealt across devices.",
+    help="How batches reach devices: one queue that free devices take from (shared_queue), "
+    "dealt in turn (round_robin), or to the device with the fewest in flight (least_busy).",
 )
 @click.option(
     "--max-body-mb",
@@ -87,6 +103,11 @@ import click
     help="Run every length bucket once per device before reporting ready.",
 )
 @click.option(
+    "--cpu-threads",
+    type=click.IntRange(1),
+    help="Intra-op threads per CPU worker (default: the cores split across the CPU workers).",
+)
+@click.option(
     "--null-runner",
     is_flag=True,
     help="Measure the front end alone: the engine replaced by a zero-cost runner of the same "
@@ -111,10 +132,14 @@ def command(
     access_log: bool,
     warmup: bool,
     null_runner: bool,
+    cpu_threads: int | None = None,
+    model_control_mode: str = "none",
+    load_models: tuple[str, ...] = (),
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
 
-    Each engine is a model named after its directory (or NAME=DIR via --name). Batches are
+    Each engine is a model named after its directory (or NAME=DIR via --name); a directory of
+    engine dirs is a model repository whose engines are all served, by folder name. Batches are
     formed by a dynamic batcher and dealt across the devices; SIGTERM drains and exits 0.
     """
 
@@ -142,10 +167,13 @@ def command(
         timeout_s=timeout_s,
         warmup=warmup,
         null_runner=null_runner,
+        threads_per_cpu_worker=cpu_threads,
     )
     if null_runner:
         click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)
-    repository = ModelRepository.from_specs([*engine_dirs, *named], config)
+    repository = ModelRepository.from_specs(
+        [*engine_dirs, *named], config, control_mode=model_control_mode, load=load_models
+    )
     server = InferenceServer(
         repository,
         ServerConfig(
@@ -172,5 +200,4 @@ def command(
 
     from trtpipe.server.loop import run
 
-    run(server.run(on_started=announce))
-    click.echo("server stopped", err=True)
+    run(server.run(on_started=announce))  # the server logs "server stopped" itself
