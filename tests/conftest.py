@@ -158,3 +158,11 @@ def minilm_serving_engine(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFa
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64) trained briefly on the bench corpus: real logit margins."""
+    from tests.trained_lm import train_tiny_lm
+
+    return train_tiny_lm(tmp_path_factory.mktemp("trained-llama") / "model", "llama")

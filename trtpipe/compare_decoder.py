@@ -49,7 +49,7 @@ class DecoderTolerances(Tolerances):
         if precision == "fp16":
             return cls(cosine_min=0.999, top1_min=0.98)
         if precision == "int8":
-            return cls(cosine_min=0.98, cosine_mean=0.995, top1_min=0.98)
+            return cls(cosine_min=0.99, cosine_mean=0.999, top1_min=0.98)
         raise InputError(f"unknown precision {precision!r}")
 
 
