@@ -97,13 +97,11 @@ def test_grpc_repository_index_lists_ready_and_unavailable_models(
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda c: c.load_model("alpha"), "RepositoryModelLoad: this server does not support"),
-        (lambda c: c.unload_model("alpha"), "RepositoryModelUnload: this server does not support"),
         (lambda c: c.get_system_shared_memory_status(), "does not support system shared memory"),
         (lambda c: c.get_cuda_shared_memory_status(), "does not support CUDA shared memory"),
         (lambda c: c.get_log_settings(), "LogSettings: this server does not support"),
     ],
-    ids=["load", "unload", "system-shm", "cuda-shm", "log-settings"],
+    ids=["system-shm", "cuda-shm", "log-settings"],
 )
 def test_unsupported_grpc_methods_answer_unimplemented_in_one_line(
     server: ServerThread, caplog: pytest.LogCaptureFixture, call: Any, message: str

@@ -145,6 +145,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
+            if request.name in self.repository.available and (
+                request.name not in self.repository.models
+                and request.name not in self.repository.generators
+            ):  # in the repository, not loaded: not ready (as Triton answers)
+                return service_pb2.ModelReadyResponse(ready=False)
             model = self.repository.get(request.name, request.version)
             ready = model.ready and self.state.started and not self.state.draining
             return service_pb2.ModelReadyResponse(ready=ready)
@@ -199,6 +204,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.models.add(**entry)
         return response
 
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        """Load (or reload) a model of the repository by name (explicit model control)."""
+
+        async def work() -> Any:
+            from trtpipe.server.repository_routes import check_load_parameters
+
+            check_load_parameters(request.model_name, dict(request.parameters))
+            await self.repository.load(request.model_name)
+            return service_pb2.RepositoryModelLoadResponse()
+
+        return await self._guard(context, work)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        """Unload a model by name once what it accepted has finished (explicit model control)."""
+
+        async def work() -> Any:
+            await self.repository.unload(request.model_name)
+            return service_pb2.RepositoryModelUnloadResponse()
+
+        return await self._guard(context, work)
+
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
             model = self.repository.get(request.model_name, request.model_version)
@@ -218,21 +244,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def repository_index(repository: ModelRepository) -> list[dict[str, str]]:
-    """name, version, state (READY / UNAVAILABLE) and reason of every served model."""
-    entries = [
-        {
-            "name": m.name,
-            "version": m.version,
-            "state": "READY" if m.ready else "UNAVAILABLE",
-            "reason": "" if m.ready else "no healthy device",
-        }
-        for m in repository
-    ]
-    entries += [
-        {"name": name, "version": "1", "state": "READY", "reason": ""}
-        for name in sorted(repository.generators)
-    ]
-    return sorted(entries, key=lambda e: e["name"])
+    """name, version, state (READY / UNAVAILABLE / LOADING / UNLOADING) and reason of every
+    model of the repository, loaded or not (the same list HTTP's index answers)."""
+    return repository.index()
 
 
 def _unsupported(method: str, what: str) -> Callable[..., Awaitable[Any]]:
@@ -249,8 +263,6 @@ def _unsupported(method: str, what: str) -> Callable[..., Awaitable[Any]]:
 
 
 UNSUPPORTED = {
-    "RepositoryModelLoad": "loading models at run time",
-    "RepositoryModelUnload": "unloading models at run time",
     "SystemSharedMemoryRegister": "system shared memory",
     "SystemSharedMemoryStatus": "system shared memory",
     "SystemSharedMemoryUnregister": "system shared memory",

@@ -15,26 +15,16 @@ from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
 from trtpipe.server.config import PoolFactory, ServeConfig, default_pool_factory
 from trtpipe.server.errors import ModelNotFoundError
+from trtpipe.server.model_control import ModelControl, startup_models
 from trtpipe.server.served_model import ServedModel
 
 
 def parse_model_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
-    """``ENGINE_DIR`` (named after the dir) or ``NAME=ENGINE_DIR``; names must be unique."""
-    named: list[tuple[str, Path]] = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).resolve().name, spec
-        if not name or "/" in name or not path:
-            raise InputError(f"bad model spec {spec!r}: use ENGINE_DIR or NAME=ENGINE_DIR")
-        named.append((name, Path(path)))
-    names = [n for n, _ in named]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(
-            f"model name(s) {duplicates} given twice; name them with --name NAME=ENGINE_DIR"
-        )
-    return named
+    """``ENGINE_DIR`` (named after the dir), a dir of engine dirs (named after their folders)
+    or ``NAME=ENGINE_DIR``; names must be unique (trtpipe.server.model_dirs)."""
+    from trtpipe.server.model_dirs import resolve_model_dirs
+
+    return resolve_model_dirs(specs)
 
 
 def unknown_model(name: str, hint: str) -> ModelNotFoundError:
@@ -42,13 +32,26 @@ def unknown_model(name: str, hint: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"Request for unknown model: '{name}' is not found; {hint}")
 
 
-class ModelRepository:
-    """Name -> served model; starts and stops them together."""
+class ModelRepository(ModelControl):
+    """Name -> served model; starts and stops them together.
 
-    def __init__(self, models: list[ServedModel], generators: dict[str, Any] | None = None):
+    With ``control_mode="explicit"`` models are loaded and unloaded by name at run time
+    (:class:`trtpipe.server.model_control.ModelControl`, Triton's model control modes).
+    """
+
+    def __init__(
+        self,
+        models: list[ServedModel],
+        generators: dict[str, Any] | None = None,
+        available: dict[str, Path] | None = None,
+        config: ServeConfig | None = None,
+        pool_factory: PoolFactory = default_pool_factory,
+        control_mode: str = "none",
+    ):
         self.models = {m.name: m for m in models}
         # Decoder engines (KV cache) answer the generate / completions endpoints instead.
         self.generators: dict[str, Any] = dict(generators or {})
+        self.init_control(available or {}, config or ServeConfig(), pool_factory, control_mode)
 
     @classmethod
     def from_specs(
@@ -56,21 +59,29 @@ class ModelRepository:
         specs: Sequence[str],
         config: ServeConfig,
         pool_factory: PoolFactory = default_pool_factory,
+        control_mode: str = "none",
+        load: Sequence[str] = (),
     ) -> ModelRepository:
+        """Every engine of ``specs``; in explicit mode only those named in ``load`` (or "*")
+        start loaded, as Triton's ``--load-model``."""
         from trtpipe.generation.kv_cache import is_decoder
 
         if not specs:
-            raise InputError("give at least one ENGINE_DIR to serve")
+            raise InputError("give at least one ENGINE_DIR (or a dir of engine dirs) to serve")
+        named = parse_model_specs(specs)
+        initial = startup_models([n for n, _ in named], control_mode, load)
         models, generators = [], {}
-        for name, path in parse_model_specs(specs):
+        for name, path in named:
             engine = EngineDir(path)
+            if name not in initial:
+                continue
             if is_decoder(engine.manifest.inputs):
                 from trtpipe.generation.generator import Generator
 
                 generators[name] = Generator(engine, config.devices)
             else:
                 models.append(ServedModel(name, engine, config, pool_factory))
-        return cls(models, generators)
+        return cls(models, generators, dict(named), config, pool_factory, control_mode)
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         model = self.models.get(name)
@@ -78,6 +89,12 @@ class ModelRepository:
             raise ModelNotFoundError(
                 f"model {name!r} is a text-generation engine: use POST "
                 f"/v2/models/{name}/generate, /v2/models/{name}/generate_stream or /v1/completions"
+            )
+        if model is None and name in self.available:
+            raise unknown_model(
+                name,
+                f"it is in the repository but not loaded (load it: POST "
+                f"/v2/repository/models/{name}/load)",
             )
         if model is None:
             raise unknown_model(name, f"this server serves {self.names}")
@@ -89,7 +106,7 @@ class ModelRepository:
         return model
 
     def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self.models.values())
+        return iter(list(self.models.values()))  # a load/unload may change the dict meanwhile
 
     @property
     def names(self) -> list[str]:
@@ -98,8 +115,9 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        served = bool(self.models) or bool(self.generators)
-        return served and all(m.ready for m in self.models.values())
+        # Explicit model control: the server is ready with no model loaded, as Triton's is.
+        served = bool(self.models) or bool(self.generators) or self.control_mode == "explicit"
+        return served and all(m.ready for m in list(self.models.values()))
 
     async def start(self) -> None:
         for model in self.models.values():
