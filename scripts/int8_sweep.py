@@ -1,6 +1,6 @@
 """INT8 recipes for ONNX Runtime on CPU, on the embedded all-MiniLM-L6-v2: accuracy and speed.
 
-    HF_HUB_OFFLINE=1 python scripts/int8_sweep.py [--rounds 5] [--work DIR]
+    HF_HUB_OFFLINE=1 python scripts/int8_sweep.py [--rounds 5] [--work DIR] [--only TEXT ...]
 
 Accuracy: trtpipe's compare metrics for ``token_embeddings`` (rows = real tokens) and
 ``sentence_embedding`` against the PyTorch model, on the built-in compare sentences and on the
@@ -10,6 +10,9 @@ Speed: batch 32 x 128 tokens; each round times PyTorch eager fp32 and every vari
 turn, after a warm-up; the table shows medians and the ratio to PyTorch from the same rounds, so
 a noisy machine moves all columns together. Calibration uses the built-in calibration sentences
 (disjoint from both compare sets), as ``trtpipe build --int8`` does.
+
+ONNX Runtime's int8 kernels differ by CPU (``trtpipe.cpu_features``): the table is headed with
+this machine's int8 kernel family, and its figures hold for that family only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="Run only variants whose name contains one of these"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="int8-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -64,10 +71,12 @@ def main() -> None:
 
     from trtpipe.build.onnxruntime import fuse_transformer
     from trtpipe.compare import Tolerances, compare_outputs
+    from trtpipe.cpu_features import int8_kernel_family
     from trtpipe.engine import TensorSpec
     from trtpipe.export import export_model
     from trtpipe.precision import (
         default_calibration_texts,
+        int8_recipe,
         smooth_activations,
         to_int8_dynamic,
         to_int8_qdq,
@@ -105,7 +114,8 @@ def main() -> None:
         out = work / f"{name}.onnx"
         kw.setdefault("op_types_to_quantize", ["MatMul", "Attention"])
         kw.setdefault("extra_options", {"DefaultTensorType": onnx.TensorProto.FLOAT})
-        quantize_dynamic(str(base), str(out), weight_type=QuantType.QInt8, **kw)  # type: ignore[arg-type]
+        kw.setdefault("weight_type", QuantType.QInt8)
+        quantize_dynamic(str(base), str(out), **kw)  # type: ignore[arg-type]
         return out
 
     def smoothed(alpha: float) -> Path:
@@ -115,12 +125,12 @@ def main() -> None:
         onnx.save(model, str(out))
         return out
 
-    def shipped(selection: str) -> Path:
-        out = work / f"shipped_{selection}.onnx"
+    def shipped(selection: str, tag: str = "", **recipe: Any) -> Path:
+        out = work / f"shipped_{selection}{tag}.onnx"
         start = time.perf_counter()
-        info = to_int8_dynamic(fused, out, calib, selection=selection)
+        info = to_int8_dynamic(fused, out, calib, selection=selection, **recipe)
         print(
-            f"{selection} selection: {time.perf_counter() - start:.1f} s, "
+            f"{selection}{tag} selection: {time.perf_counter() - start:.1f} s, "
             f"{len(info['kept_fp32'])} kept fp32, calibration min cosine "
             f"{info.get('calibration_cosine_min', '-')}"
         )
@@ -158,9 +168,22 @@ def main() -> None:
         "fused dyn per-tensor, all": lambda: dyn("pt", fused, per_channel=False),
         "fused dyn per-channel, all": lambda: dyn("pc", fused, per_channel=True),
         "fused dyn pc, reduce_range": lambda: dyn("rr", fused, per_channel=True, reduce_range=True),
+        "fused dyn pc, U8U8": lambda: dyn(
+            "u8", fused, per_channel=True, weight_type=QuantType.QUInt8
+        ),
         "fused smooth0.7 dyn pc, all": lambda: dyn("sm", smoothed(0.7), per_channel=True),
         "fused dyn pc, keep 5 by proxy (--int8-select proxy)": lambda: shipped("proxy"),
-        "fused dyn pc, greedy end-to-end (SHIPPED)": lambda: shipped("greedy"),
+        "fused dyn pc, greedy end-to-end (this CPU's recipe)": lambda: shipped(
+            "greedy", **{k: v for k, v in int8_recipe().items() if k != "cpu_family"}
+        ),
+        "fused dyn pc, greedy U8S8": lambda: shipped("greedy", "s8", weight_type="int8"),
+        "fused dyn pc, greedy U8S8 reduce_range": lambda: shipped(
+            "greedy", "rr", reduce_range=True
+        ),
+        "fused dyn pc, greedy U8U8": lambda: shipped("greedy", "u8", weight_type="uint8"),
+        "fused dyn pc, greedy U8U8 target 0.998": lambda: shipped(
+            "greedy", "u8t", weight_type="uint8", target=0.998
+        ),
         "fused dyn pc, keep 5 hand-picked": lambda: dyn(
             "hand", fused, per_channel=True, nodes_to_exclude=HAND_PICKED
         ),
@@ -170,6 +193,13 @@ def main() -> None:
         "ORT static QDQ MatMul pc": ort_static,
         "ModelOpt Q/DQ (TensorRT form)": modelopt,
     }
+    if args.only:
+        variants = {
+            n: f
+            for n, f in variants.items()
+            if n.startswith("fp32 fused") or any(o in n for o in args.only)
+        }
+    print(f"int8 kernel family of this CPU: {int8_kernel_family()}")
     paths = {name: make() for name, make in variants.items()}
 
     options = ort.SessionOptions()

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from trtpipe.cpu_features import SATURATING_FAMILIES
 from trtpipe.errors import BuildError, InputError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,16 @@ INT8_BUDGET_FRACTION = 0.375
 # kernels, "uint8" the u8u8 ones (no int16 pair sums, so no saturation on AVX2; slower).
 WEIGHT_TYPES = ("int8", "uint8")
 # The int8 recipe per CPU int8 kernel family (trtpipe.cpu_features); "default" for the rest.
+# Where u8s8 products are summed in int16 pairs (AVX2, AVX-512BW without VNNI), they saturate:
+# measured on an AVX2 CPU (docs/precision.md), the same greedy recipe with u8s8 reached min
+# cosine 0.988 on held-out text, with 7-bit weights (reduce_range) 0.987, with uint8 weights
+# (u8u8, exact int32 sums) 0.9925, the figure VNNI CPUs reach with u8s8.
 INT8_RECIPES: dict[str, dict[str, Any]] = {
     "default": {"weight_type": "int8", "reduce_range": False, "target": INT8_TARGET_COSINE},
+    **{
+        family: {"weight_type": "uint8", "reduce_range": False, "target": INT8_TARGET_COSINE}
+        for family in SATURATING_FAMILIES
+    },
 }
 
 
@@ -142,7 +151,6 @@ def to_fp16(
     src: Path, dst: Path, calibration: dict[str, np.ndarray] | None, work: Path | None = None
 ) -> dict[str, Any]:
     """ModelOpt AutoCast with real reference inputs; I/O types kept so clients see no change."""
-    import onnx
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     with scratch_dir(work) as scratch:
@@ -159,7 +167,11 @@ def to_fp16(
             )
         except Exception as exc:  # ModelOpt raises assorted types
             raise BuildError(f"FP16 conversion failed: {exc}") from exc
-    onnx.save(model, str(dst))
+    from trtpipe.onnx_files import save_model, uses_external_data
+
+    # External weights beside dst when src had them or the model passes 2 GB.
+    save_model(model, dst, external=uses_external_data(src) or None)
+    del model
     return {
         "method": "modelopt.autocast",
         "keep_io_types": True,
@@ -171,10 +183,14 @@ def to_int8_qdq(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -> dic
     """Explicit Q/DQ (symmetric, per-channel weights) for TensorRT's strongly typed builder."""
     from modelopt.onnx.quantization import quantize
 
+    from trtpipe.onnx_files import uses_external_data
+
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quantize(
                 str(src),
+                # ModelOpt also switches to external data by itself past 2 GB.
+                use_external_data_format=uses_external_data(src),
                 quantize_mode="int8",
                 calibration_data=calibration,
                 calibration_method="entropy",
@@ -242,7 +258,9 @@ def to_int8_dynamic(
         if smoothed:
             onnx.save(model, str(smooth_path))
         if keep_fp32 is None and selection == "proxy":
-            keep_fp32 = most_sensitive(model, [calibration], keep_fraction)
+            # Unsmoothed, the model is src's: captures run on src's file, weights read in place.
+            source = None if smoothed else src
+            keep_fp32 = most_sensitive(model, [calibration], keep_fraction, source=source)
         if keep_fp32 is None:
             try:
                 keep_fp32, found = greedy_fp32_nodes(
@@ -255,6 +273,7 @@ def to_int8_dynamic(
                 log.warning("end-to-end INT8 selection failed (%s); using the local proxy", exc)
                 keep_fp32 = most_sensitive(model, [calibration], keep_fraction)
                 info["selection"] = "proxy (greedy failed)"
+        del model  # the quantizer loads its own copy: never two in memory (models over 2 GB)
         quantize_dynamic_int8(smooth_path, dst, keep_fp32, **quantizer)
     log.info("int8: %d nodes kept fp32: %s", len(keep_fp32), keep_fp32)
     return {
@@ -322,6 +341,8 @@ def quantize_dynamic_int8(
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from trtpipe.onnx_files import uses_external_data
+
     try:
         # Fused contrib ops defeat ONNX shape inference; their outputs are float.
         quantize_dynamic(
@@ -333,6 +354,8 @@ def quantize_dynamic_int8(
             weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=keep_fp32,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            # Weights beside dst as they were beside src (src is over 2 GB or came that way).
+            use_external_data_format=uses_external_data(src),
         )
     except Exception as exc:
         raise BuildError(f"INT8 dynamic quantization failed: {exc}") from exc
@@ -340,9 +363,7 @@ def quantize_dynamic_int8(
 
 def weighted_nodes(model: Any) -> list[Any]:
     """MatMul/Attention nodes whose second input is a 2-D weight initializer."""
-    from onnx import numpy_helper
-
-    shapes = {i.name: numpy_helper.to_array(i).ndim for i in model.graph.initializer}
+    shapes = {i.name: len(i.dims) for i in model.graph.initializer}  # no weight copied
     return [
         node
         for node in model.graph.node
@@ -353,14 +374,29 @@ def weighted_nodes(model: Any) -> list[Any]:
 
 
 def capture_rows(
-    model: Any, names: list[str], feeds_list: list[dict[str, np.ndarray]]
+    model: Any,
+    names: list[str],
+    feeds_list: list[dict[str, np.ndarray]],
+    source: Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named tensors as (rows, channels) over real tokens of the calibration feeds."""
+    """The named tensors as (rows, channels) over real tokens of the calibration feeds.
+
+    ``source``: the file ``model`` was loaded from; when its weights are external data, the
+    probe graph is written beside it and reads them in place (no second copy of the weights
+    in memory, no 2 GB protobuf limit).
+    """
     import onnx
     import onnxruntime as ort
 
+    from trtpipe.onnx_files import uses_external_data
+
+    file_backed = source is not None and uses_external_data(source)
     probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    if file_backed:
+        assert source is not None
+        probe = onnx.load(str(source), load_external_data=False)
+    else:
+        probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
     for name in names:
         if name not in existing:
@@ -368,9 +404,20 @@ def capture_rows(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    if file_backed:
+        assert source is not None
+        probe_path = source.parent / f".probe.{source.name}"
+        onnx.save_model(probe, str(probe_path))
+        try:
+            session = ort.InferenceSession(
+                str(probe_path), options, providers=["CPUExecutionProvider"]
+            )
+        finally:
+            probe_path.unlink()
+    else:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
     wanted = {i.name for i in session.get_inputs()}
     rows: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for feeds in feeds_list:
@@ -397,7 +444,10 @@ def int8_error(x: np.ndarray, weight: np.ndarray) -> float:
 
 
 def most_sensitive(
-    model: Any, feeds_list: list[dict[str, np.ndarray]], fraction: float = KEEP_FP32_FRACTION
+    model: Any,
+    feeds_list: list[dict[str, np.ndarray]],
+    fraction: float = KEEP_FP32_FRACTION,
+    source: Path | None = None,
 ) -> list[str]:
     """Weighted nodes with the largest INT8 output error on calibration text, kept in fp32.
 
@@ -412,7 +462,7 @@ def most_sensitive(
     if count == 0:
         return []
     inits = {i.name: i for i in model.graph.initializer}
-    inputs = capture_rows(model, sorted({n.input[0] for n in nodes}), feeds_list)
+    inputs = capture_rows(model, sorted({n.input[0] for n in nodes}), feeds_list, source)
     errors = {
         node.name: int8_error(
             inputs[node.input[0]].astype(np.float32),

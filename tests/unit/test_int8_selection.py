@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from trtpipe.errors import InputError
 from trtpipe.int8_selection import select_fp32_nodes, switchable_model, tail_and_min
-from trtpipe.precision import quantize_dynamic_int8, weighted_nodes
+from trtpipe.precision import int8_recipe, quantize_dynamic_int8, to_int8_dynamic, weighted_nodes
 
 
 def two_matmuls(path: Path) -> onnx.ModelProto:
@@ -99,3 +100,28 @@ def test_tail_and_min() -> None:
     tail, worst = tail_and_min(rows, tail=0.02)
     assert worst == pytest.approx(0.9)
     assert tail == pytest.approx((0.9 + 0.9 + 0.1 / 99) / 2)
+
+
+@pytest.mark.parametrize(
+    ("family", "weight_type"),
+    [("avx2", "uint8"), ("avx512bw", "uint8"), ("avx512vnni", "int8"), ("amx", "int8")],
+)
+def test_recipe_uses_u8u8_where_u8s8_saturates(family: str, weight_type: str) -> None:
+    recipe = int8_recipe(family)
+    assert recipe["cpu_family"] == family
+    assert recipe["weight_type"] == weight_type
+    assert recipe["reduce_range"] is False
+
+
+@pytest.mark.parametrize(("weight_type", "dtype"), [("int8", np.int8), ("uint8", np.uint8)])
+def test_weight_type_reaches_the_quantized_graph(
+    tmp_path: Path, weight_type: str, dtype: type
+) -> None:
+    two_matmuls(tmp_path / "fp32.onnx")
+    quantize_dynamic_int8(tmp_path / "fp32.onnx", tmp_path / "q.onnx", [], weight_type)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    weights = [numpy_helper.to_array(i) for i in quantized.graph.initializer]
+    assert {w.dtype for w in weights if w.ndim == 2} == {np.dtype(dtype)}
+    assert [n.op_type for n in quantized.graph.node].count("MatMulInteger") == 2
+    with pytest.raises(InputError, match="weight type"):
+        to_int8_dynamic(tmp_path / "fp32.onnx", tmp_path / "x.onnx", feeds(), weight_type="int4")
