@@ -210,3 +210,17 @@ def test_models_endpoint_answers_for_one_model(served: dict) -> None:
         timeout=30,
     )
     assert reply.json()["usage"]["completion_tokens"] == len(reply.json()["token_ids"])
+
+
+def test_served_generation_bench_counts_every_token(served: dict) -> None:
+    from trtpipe.bench.served_generation import benchmark_served_generation, markdown_table
+
+    result = benchmark_served_generation(
+        served["url"], PLAIN, None, ["Once", "The King is dead."], (1, 2), 5, requests=4
+    )
+    assert [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["requests"] == 4
+        assert level["generated_tokens"] == 4 * 5  # EOS ignored: exactly max tokens each
+        assert level["ttft_ms_p50"] > 0 and level["tokens_per_s"] > 0
+    assert "| c2 |" in markdown_table(result)

@@ -99,33 +99,41 @@ def benchmark_served_generation(
     prompts: Sequence[str],
     concurrency: Sequence[int] = (1, 4, 16),
     max_new_tokens: int = 64,
-    requests: int = 16,
+    requests: int = 48,
     runs: int = 3,
 ) -> dict[str, Any]:
-    """Served levels, then (with ``engine_dir``) the offline batch-1 and batch-max figures.
+    """Served levels and (with ``engine_dir``) the offline batch-1 and batch-max figures.
 
-    The offline side runs after the served one, in this process, while the server idles, so
-    both sides see the same machine; run the server with the same device count.
+    The offline side runs in this process while the server idles, so both sides see the same
+    machine; run the server with one device, as the offline side uses one.
     """
     if not prompts:
         raise InputError("no prompts to send")
     if not url.startswith("http"):
         url = "http://" + url
-    levels = [
-        asyncio.run(_level(url, model, prompts, c, max(3, -(-requests // c)), max_new_tokens))
-        for c in concurrency
-    ]
-    offline: dict[str, float] = {}
-    if engine_dir is not None:
+
+    def offline_rates() -> dict[str, float]:
         from trtpipe.generation.bench import benchmark_generation
 
+        assert engine_dir is not None
+        rates: dict[str, float] = {}
         for batch in sorted({1, max(concurrency)}):
             sample = [prompts[i % len(prompts)] for i in range(max(batch, 4))]
             result = benchmark_generation(engine_dir, sample, batch, max_new_tokens, runs=runs)
-            offline[f"batch_{batch}"] = float(result["tokens_per_s"])
+            rates[f"batch_{batch}"] = float(result["tokens_per_s"])
+        return rates
+
+    # Offline before and after the served levels (the server idles meanwhile): on a shared
+    # machine the two show how much the load drifted; the ratio uses their mean.
+    before = offline_rates() if engine_dir is not None else {}
+    levels = [
+        asyncio.run(_level(url, model, prompts, c, max(1, -(-requests // c)), max_new_tokens))
+        for c in concurrency
+    ]
+    after = offline_rates() if engine_dir is not None else {}
+    offline = {key: (before[key] + after[key]) / 2 for key in before}
     for level in levels:
-        batch = level["concurrency"]
-        reference = offline.get(f"batch_{batch}")
+        reference = offline.get(f"batch_{level['concurrency']}")
         if reference:
             level["pct_of_offline_same_batch"] = round(100 * level["tokens_per_s"] / reference, 1)
     return {
@@ -134,7 +142,8 @@ def benchmark_served_generation(
         "max_new_tokens": max_new_tokens,
         "requests_per_level": requests,
         "levels": levels,
-        "offline_tokens_per_s": offline,
+        "offline_tokens_per_s": {key: round(value, 1) for key, value in offline.items()},
+        "offline_before_after": {key: [before[key], after[key]] for key in before},
     }
 
 
@@ -158,3 +167,33 @@ def markdown_table(result: dict[str, Any]) -> str:
         rows.append("")
         rows.append(f"Offline (same engine, same command): {offline}.")
     return "\n".join(rows)
+
+
+def run_from_options(options: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``trtpipe bench --url URL --generate --model M [--engine-dir DIR]``: (result, table)."""
+    from trtpipe.bench.common import parse_int_list
+    from trtpipe.text import read_texts, sample_texts
+
+    if not options.get("model"):
+        raise InputError("--url --generate needs --model NAME (the generation model's name)")
+
+    def given(name: str) -> bool:  # the online mode's defaults do not fit generation
+        import click
+        from click.core import ParameterSource
+
+        ctx = click.get_current_context(silent=True)
+        return ctx is not None and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+    prompts_file = options.get("prompts_file")
+    prompts = read_texts(prompts_file) if prompts_file else sample_texts()
+    levels = options["concurrency"] if given("concurrency") else "1,4,16"
+    result = benchmark_served_generation(
+        options["url"],
+        options["model"],
+        options.get("served_engine"),
+        prompts,
+        parse_int_list(levels, "--concurrency"),
+        options.get("max_new_tokens") or 64,
+        options["max_requests"] if given("max_requests") else 48,
+    )
+    return result, markdown_table(result)

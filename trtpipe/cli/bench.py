@@ -5,6 +5,7 @@ trtpipe bench ENGINE_DIR --texts corpus.txt            # real text, end to end
 trtpipe bench ENGINE_DIR --devices cpu:2               # or --gpus 0,1: scaling
 trtpipe bench --url 127.0.0.1:8000 --model NAME --concurrency 1,4,16,64
 trtpipe bench ENGINE_DIR --generate --prompts-file F --max-new-tokens 64
+trtpipe bench --url 127.0.0.1:8000 --generate --model LLM --engine-dir DIR --concurrency 1,4,16
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def command(engine_dir: Path | None, **options: Any) -> None:
         check_output_file(json_path, "--json")
     if plot_path:
         check_output_file(plot_path, "--plot")
+    if options["url"] and options["generate"]:
+        from trtpipe.bench.served_generation import run_from_options
+
+        result, table = run_from_options(options)
+        click.echo(table)
+        if json_path:
+            write_json(json_path, result)
+            click.echo(f"wrote {json_path}")
+        return
     if options["url"]:
         report = _online(options)
     elif engine_dir is None:
@@ -220,10 +230,12 @@ def _check_mode_options(engine_dir: Path | None, options: dict[str, Any]) -> Non
     from trtpipe.errors import InputError
 
     if options["url"] and options["generate"]:
-        raise InputError(
-            "--url benchmarks a server's tensor models; --generate benchmarks a text-generation "
-            "ENGINE_DIR: give one of them"
-        )
+        if engine_dir is not None:
+            raise InputError(
+                f"--url --generate benchmarks a server's generation model; give the served "
+                f"engine as --engine-dir {engine_dir} for the offline figure"
+            )
+        return  # served generation: see trtpipe.bench.served_generation.run_from_options
     mode = "online" if options["url"] else "generation" if options["generate"] else "offline"
     if mode == "online" and engine_dir is not None:
         raise InputError(
