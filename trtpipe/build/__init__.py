@@ -112,6 +112,14 @@ def load_onnx(path: Path) -> Any:
         raise InputError(f"{path} is not a valid ONNX file: {str(exc).splitlines()[0]}") from exc
     if not model.graph.node:
         raise InputError(f"{path} has an empty graph; re-export the model")
+    from trtpipe.onnx_files import referenced_files
+
+    missing = [name for name in referenced_files(model) if not (path.parent / name).is_file()]
+    if missing:
+        raise InputError(
+            f"{path.name} keeps its weights in {', '.join(missing)}, which is missing from "
+            f"{path.parent}; copy the export dir whole (the .onnx_data file beside model.onnx)"
+        )
     return model
 
 
@@ -142,6 +150,26 @@ def with_inferred_output_shapes(model: Any, outputs: list[TensorSpec]) -> list[T
                         dims[i] = ""
         refined.append(TensorSpec(spec.name, spec.dtype, shape, dims))
     return refined
+
+
+def with_typed_dtypes(specs: list[TensorSpec], typed_path: Path) -> list[TensorSpec]:
+    """``specs`` with the dtypes of the typed (post-precision) graph's I/O of the same name.
+
+    The engine is built from the typed graph, so its I/O dtypes are the contract: an fp16 graph
+    that keeps fp16 KV-cache I/O must say float16 in the manifest, or runners and decoder
+    sessions would feed it float32. Shapes stay as inferred on the source graph (contrib ops of
+    the ONNX Runtime graphs defeat shape inference).
+    """
+    import onnx
+
+    from trtpipe.build.profile import ONNX_TO_NUMPY
+
+    typed = onnx.load(str(typed_path), load_external_data=False).graph
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*typed.input, *typed.output]}
+    return [
+        TensorSpec(s.name, ONNX_TO_NUMPY.get(dtypes.get(s.name, 0), s.dtype), s.shape, s.dims)
+        for s in specs
+    ]
 
 
 def calibration_feeds(
@@ -228,8 +256,12 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
             engine_file, backend_info = build_onnxruntime(typed, tmp, config)
         timings["build_s"] = time.perf_counter() - start
         op_counts = op_precision_counts(typed)
+        inputs = with_typed_dtypes(inputs, typed)
+        outputs = with_typed_dtypes(outputs, typed)
         if engine_file != typed.name:
-            typed.unlink()
+            from trtpipe.onnx_files import remove_model
+
+            remove_model(typed)  # and its external weights: the engine file has its own
         manifest = Manifest(
             task=task,
             backend=backend,

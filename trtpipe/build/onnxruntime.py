@@ -49,7 +49,11 @@ def fuse_transformer(src: Path, dst: Path) -> dict[str, Any]:
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from trtpipe.onnx_files import save_model, too_large_for_protobuf, uses_external_data
+
     heads, hidden = attention_shape(src.parent)
+    # Weights stay in external data beside dst when they came that way or pass 2 GB.
+    external = uses_external_data(src)
     try:
         # The optimizer prints progress and shape-inference notes on stdout/stderr.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -59,9 +63,11 @@ def fuse_transformer(src: Path, dst: Path) -> dict[str, Any]:
         stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     except Exception as exc:  # the optimizer raises assorted types on unusual graphs
         log.warning("transformer fusion skipped (%s); using the graph as exported", exc)
-        onnx.save(onnx.load(str(src)), str(dst))
+        save_model(onnx.load(str(src)), dst, external=external or None)
         return {"transformer_fusion": False}
-    optimized.save_model_to_file(str(dst))
+    optimized.save_model_to_file(
+        str(dst), use_external_data_format=external or too_large_for_protobuf(optimized.model)
+    )
     fused = {k: v for k, v in stats.items() if k in FUSED_OPS}
     log.info("transformer fusion: %s", fused or "no pattern matched")
     return {"transformer_fusion": bool(fused), "fused_ops": fused}
@@ -81,6 +87,18 @@ def build_onnxruntime(typed_onnx: Path, out_dir: Path, config: Any) -> tuple[str
     # ALL would add CPU layout transforms that a CUDA session cannot load.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(out_dir / ENGINE_FILE)
+    from trtpipe.onnx_files import INLINE_BYTES, data_file_name, uses_external_data
+
+    if uses_external_data(typed_onnx):
+        # Over 2 GB the optimized model must keep its weights outside the protobuf; they go
+        # beside the engine file, referenced relatively, so the engine dir stays self-contained.
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name",
+            data_file_name(out_dir / ENGINE_FILE),
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", str(INLINE_BYTES)
+        )
     try:
         from trtpipe.devices import Device
 
