@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,8 @@ import numpy as np
 
 from trtpipe.errors import InputError, RunnerError, TrtpipeError
 from trtpipe.runners.base import validate_feeds
-from trtpipe.runtime.padding import Layout, length_group, pad_and_stack, split_outputs
+from trtpipe.runtime.batch_hooks import BatchHooks, PaddingHooks
+from trtpipe.runtime.padding import Layout, length_group
 from trtpipe.runtime.pool import DevicePool
 from trtpipe.runtime.stats import BatcherStats
 
@@ -96,10 +98,19 @@ class _Request:
 class DynamicBatcher:
     """Queue, group, pad, launch on the pool, and hand each request its own rows back."""
 
-    def __init__(self, pool: DevicePool, config: BatcherConfig | None = None):
+    def __init__(
+        self,
+        pool: DevicePool,
+        config: BatcherConfig | None = None,
+        hooks: Callable[[Layout], BatchHooks] | None = None,
+    ):
+        """``hooks(layout)`` builds how launches are assembled (default: padding hooks with the
+        config's pad ids and side)."""
         self.pool = pool
         self.config = config or BatcherConfig()
         self.config.validate()
+        self._make_hooks = hooks or self._padding_hooks
+        self._hooks: BatchHooks | None = None
         self.stats = BatcherStats()
         self._groups: dict[tuple[Any, ...], deque[_Request]] = {}
         self._group_rows: dict[tuple[Any, ...], int] = {}
@@ -122,6 +133,7 @@ class DynamicBatcher:
         if not self.pool.started:
             await asyncio.to_thread(self.pool.start)
         self._layout = Layout(self.pool.inputs, self.pool.outputs, self.pool.profile)
+        self._hooks = self._make_hooks(self._layout)
         limit = self.pool.max_batch_size
         wanted = self.config.max_batch_size or limit
         if wanted > limit:
@@ -404,21 +416,14 @@ class DynamicBatcher:
     async def _launch(self, batch: list[_Request]) -> None:
         start_ns = time.perf_counter_ns()
         try:
+            hooks = self._hooks
+            assert hooks is not None, "start() the batcher first"
             padded = self._padded_length(batch)
-            right = self.config.padding_side == "right"
-            feeds = pad_and_stack(
-                self._layout_checked(),
-                [(r.feeds, r.rows) for r in batch],
-                padded,
-                self.config.pad_token_ids,
-                right,
-            )
+            feeds = hooks.prepare([(r.feeds, r.rows) for r in batch], padded)
             infer_ns = time.perf_counter_ns()
             outputs = await self.pool.run(feeds)
             output_ns = time.perf_counter_ns()
-            results = split_outputs(
-                self._layout_checked(), outputs, [(r.rows, r.seq_len) for r in batch], padded, right
-            )
+            results = hooks.split(outputs, [(r.rows, r.seq_len) for r in batch], padded)
             end_ns = time.perf_counter_ns()
         except Exception as exc:
             error = exc if isinstance(exc, TrtpipeError) else RunnerError(f"batch failed: {exc}")
@@ -449,9 +454,9 @@ class DynamicBatcher:
             self._inflight -= 1
             self._notify()
 
-    def _layout_checked(self) -> Layout:
-        assert self._layout is not None, "start() the batcher first"
-        return self._layout
+    def _padding_hooks(self, layout: Layout) -> BatchHooks:
+        right = self.config.padding_side == "right"
+        return PaddingHooks(layout, self.config.pad_token_ids, right)
 
     @staticmethod
     def _padded_length(batch: list[_Request]) -> int:

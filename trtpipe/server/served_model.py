@@ -10,6 +10,7 @@ batcher as already-validated rows. Documents (metadata, config, statistics) are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -19,6 +20,8 @@ import numpy as np
 
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir, TensorSpec
+from trtpipe.runtime.batch_hooks import BatchHooks, PaddingHooks
+from trtpipe.runtime.padding import Layout
 from trtpipe.server.config import PoolFactory, ServeConfig, default_pool_factory
 from trtpipe.server.documents import (
     VERSION,
@@ -79,6 +82,8 @@ class ServedModel:
         from trtpipe.runtime.batcher import BatcherConfig, DynamicBatcher
 
         await asyncio.to_thread(self.pool.start)
+        if self.text is not None:
+            await asyncio.to_thread(self.text.load)
         self.batcher = DynamicBatcher(
             self.pool,
             BatcherConfig(
@@ -87,6 +92,7 @@ class ServedModel:
                 max_queue_size=self.config.max_queue_size,
                 timeout_s=self.config.timeout_s,
             ),
+            hooks=self._batch_hooks,
         )
         await self.batcher.start()
         self.checker = TensorChecker(
@@ -97,10 +103,15 @@ class ServedModel:
             id_limits(self.engine.path),
             text_model=self.is_text_model,
         )
-        if self.text is not None:
-            await asyncio.to_thread(self.text.load)
         self.started = True
         log.info("model %s ready on %s", self.name, [str(d) for d in self.config.devices])
+
+    def _batch_hooks(self, layout: Layout) -> BatchHooks:
+        """Pad token ids with the tokenizer's pad id (0 without a tokenizer), masks with 0."""
+        pad_ids = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+        if self.text is not None and self.text.pad_id is not None:
+            pad_ids["input_ids"] = self.text.pad_id
+        return PaddingHooks(layout, pad_ids)
 
     async def stop(self, drain: bool = True) -> None:
         self.started = False
@@ -137,12 +148,12 @@ class ServedModel:
         lengths = [r.max[1] for n, r in self.pool.profile.items() if len(r.max) == 2]
         return min(lengths) if lengths else None
 
-    @property
+    @functools.cached_property
     def is_text_model(self) -> bool:
         names = {s.name for s in self.inputs}
         return "input_ids" in names and self.engine.has_tokenizer()
 
-    @property
+    @functools.cached_property
     def is_embedding_model(self) -> bool:
         names = {s.name for s in self.outputs}
         return self.is_text_model and (

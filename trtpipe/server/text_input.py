@@ -35,6 +35,7 @@ class TextEncoder:
         self.inputs = inputs
         self.max_length = max_length
         self.tokenizer: Any = None
+        self.pad_id: int | None = None
         self._truncating: Any = None  # backend tokenizer with truncation on
         self._plain: Any = None  # backend tokenizer without truncation
         self._dtypes = {s.name: np.dtype(s.dtype) for s in inputs}
@@ -43,6 +44,7 @@ class TextEncoder:
         from trtpipe.text import load_tokenizer
 
         self.tokenizer = load_tokenizer(str(self.engine_path))
+        self.pad_id = self.tokenizer.pad_token_id
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             self._plain = copy.deepcopy(backend)
