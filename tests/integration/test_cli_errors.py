@@ -303,3 +303,45 @@ def test_timing_cache_that_cannot_be_written(tiny_bert_onnx: Path, tmp_path: Pat
         "error: --timing-cache /proc/trt.cache: cannot write in /proc ("
     )
     assert "building" not in out and leftovers(tmp_path) == []
+
+
+def test_container_entry_serves_every_engine_dir(tmp_path: Path):
+    """scripts/docker_serve.sh (the images' entry point): every DIR/manifest.json under
+    $TRTPIPE_MODELS, image defaults from $TRTPIPE_SERVE_ARGS, then the caller's options; a clear
+    error when nothing is mounted. ``trtpipe`` is a stub here that prints its arguments."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "docker_serve.sh"
+    stub = tmp_path / "bin" / "trtpipe"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    stub.chmod(0o755)
+    models = tmp_path / "models"
+    for name in ("a", "b c", "not-an-engine"):
+        (models / name).mkdir(parents=True)
+    for name in ("a", "b c"):
+        (models / name / "manifest.json").write_text("{}")
+    env = {
+        **os.environ,
+        "PATH": f"{stub.parent}:{os.environ['PATH']}",
+        "TRTPIPE_MODELS": str(models),
+        "TRTPIPE_SERVE_ARGS": "--gpus 0",
+    }
+    run = subprocess.run(
+        ["sh", str(script), "--gpus", "0,1"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "serve", "--host", "0.0.0.0", "--gpus", "0", "--gpus", "0,1",
+        str(models / "a"), str(models / "b c"),
+    ]  # fmt: skip
+    empty = subprocess.run(
+        ["sh", str(script)],
+        capture_output=True,
+        text=True,
+        env={**env, "TRTPIPE_MODELS": str(tmp_path / "none")},
+        timeout=30,
+    )
+    assert empty.returncode == 2 and empty.stdout == ""
+    assert empty.stderr.startswith(f"error: no engine dirs (DIR/manifest.json) under {tmp_path}")
