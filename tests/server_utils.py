@@ -40,6 +40,7 @@ def start_server(
             grpc_port=0 if grpc else None,
             max_body_bytes=max_body_bytes,
             drain_timeout_s=10,
+            drain_linger_s=0.2,  # clients in tests keep idle connections open
         ),
     )
     return ServerThread(server).start()

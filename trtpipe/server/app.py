@@ -1,8 +1,11 @@
 """HTTP and gRPC front ends in one process and one event loop, with graceful shutdown.
 
-SIGTERM/SIGINT: readiness turns 503 at once (so a load balancer stops sending), both listeners
-stop accepting, requests already accepted finish (up to ``drain_timeout_s``), the batchers drain,
-the runners are closed, and the process exits 0.
+SIGTERM/SIGINT: readiness turns 503 at once (so a load balancer stops sending) and both listeners
+stop accepting (new connections are refused). Requests already accepted, running or queued, finish
+(up to ``drain_timeout_s``) and their responses carry ``Connection: close``; a request that
+arrives meanwhile on a kept-alive connection gets 503 + ``Connection: close``
+(:mod:`trtpipe.server.draining`), never a reset. Then the open connections are closed (after at
+most ``drain_linger_s``), the batchers drain, the runners are closed, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import signal
 import socket
 import threading
@@ -20,6 +24,8 @@ from typing import Any
 import uvicorn
 
 from trtpipe.errors import InputError
+from trtpipe.server.draining import DrainingMiddleware
+from trtpipe.server.fast_path import FastPath
 from trtpipe.server.grpc import create_grpc_server
 from trtpipe.server.http import ServerState, create_http_app
 from trtpipe.server.metrics import ServerMetrics
@@ -37,6 +43,9 @@ class ServerConfig:
     grpc_port: int | None = 8001
     max_body_bytes: int = 64 << 20
     drain_timeout_s: float = 30.0
+    # After the accepted requests finished: how long kept-alive connections stay open (a request
+    # on one gets 503 + Connection: close) before they are closed.
+    drain_linger_s: float = 2.0
     access_log: bool = False
 
 
@@ -99,6 +108,7 @@ class InferenceServer:
         self.grpc_port: int | None = None
         self._uvicorn: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._drain: DrainingMiddleware | None = None
         self._grpc: Any = None
         self._stop_requested: asyncio.Event | None = None
         self._stopped = False
@@ -129,8 +139,9 @@ class InferenceServer:
         sock = listen(self.config.host, self.config.http_port, "HTTP")
         self.http_port = int(sock.getsockname()[1])
         app = create_http_app(self.repository, self.metrics, self.state, self.config.max_body_bytes)
+        self._drain = DrainingMiddleware(FastPath(app, self.repository, self.config.max_body_bytes))
         config = uvicorn.Config(
-            app,
+            self._drain,
             log_config=None,
             access_log=self.config.access_log,
             timeout_graceful_shutdown=int(self.config.drain_timeout_s),
@@ -179,19 +190,46 @@ class InferenceServer:
             return
         self._stopped = True
         self.state.draining = True
-        waits = []
-        if self._uvicorn is not None and self._http_task is not None:
-            self._uvicorn.should_exit = True
-            waits.append(self._http_task)
-        if self._grpc is not None:
+        waits: list[asyncio.Future[Any]] = []
+        if self._grpc is not None:  # refuses new RPCs at once, lets running ones finish
             waits.append(asyncio.ensure_future(self._grpc.stop(self.config.drain_timeout_s)))
+        if self._uvicorn is not None and self._http_task is not None:
+            await self._drain_http(self._uvicorn, self._http_task)
+            waits.append(self._http_task)
         results = await asyncio.gather(*waits, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, SystemExit):
                 log.warning("front end stopped with %r", result)
         await self.repository.stop(drain=True)
-        self._uvicorn = self._http_task = self._grpc = None
+        self._uvicorn = self._http_task = self._grpc = self._drain = None
         log.info("server stopped")
+
+    async def _drain_http(self, server: _Uvicorn, task: asyncio.Task[None]) -> None:
+        """Refuse new connections, let admitted requests finish while open connections get
+        503 + close, then have uvicorn close what is left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        listeners = list(getattr(server, "servers", []))
+        await accept_backlog(listeners)
+        for listener in listeners:
+            listener.close()
+        if self._drain is not None:
+            # only now do responses say Connection: close: a client told so earlier would
+            # reconnect to a listener about to close, and a closing listener resets its backlog
+            self._drain.start_draining()
+        if self._drain is not None and not task.done():
+            if not await self._drain.wait_idle(self.config.drain_timeout_s):
+                log.warning(
+                    "%d HTTP request(s) still running after the drain timeout (%g s)",
+                    self._drain.active,
+                    self.config.drain_timeout_s,
+                )
+            linger_end = min(deadline, loop.time() + self.config.drain_linger_s)
+            while server.server_state.connections and loop.time() < linger_end:
+                await asyncio.sleep(0.02)
+        # uvicorn closes idle connections and waits for the rest up to what is left of the timeout
+        server.config.timeout_graceful_shutdown = max(1, int(deadline - loop.time() + 0.999))
+        server.should_exit = True
 
     async def run(
         self,
@@ -223,6 +261,23 @@ class InferenceServer:
     def _on_signal(self, sig: int) -> None:
         log.info("received %s: draining and stopping", signal.Signals(sig).name)
         self.request_stop()
+
+
+async def accept_backlog(listeners: list[asyncio.AbstractServer], rounds: int = 50) -> None:
+    """Let the loop accept connections the kernel already queued before the listeners close:
+    closing a listener resets them, and their requests may already be sent (they get 503 +
+    Connection: close instead)."""
+
+    def queued() -> bool:
+        sockets = [sock for listener in listeners for sock in getattr(listener, "sockets", ())]
+        return bool(sockets) and bool(select.select(sockets, [], [], 0)[0])
+
+    for _ in range(rounds):
+        if not queued():
+            break
+        await asyncio.sleep(0)
+    for _ in range(3):  # accepted sockets get their transports on the next loop iterations
+        await asyncio.sleep(0)
 
 
 class ServerThread:

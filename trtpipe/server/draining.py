@@ -1,0 +1,94 @@
+"""Graceful drain for HTTP/1.1 keep-alive: nothing a client sent is reset by a shutdown.
+
+Closing the listener stops new connections, but clients keep sending on connections they already
+hold open, and closing those under a request resets it. This ASGI middleware counts the requests
+admitted before the drain, so the server can wait for them (running and queued alike) to finish;
+while draining, their responses carry ``Connection: close``, and any other request that arrives
+on an open connection gets a clean 503 with ``Connection: close`` (health probes and ``/metrics``
+still answer, readiness says 503), so the client retries elsewhere instead of seeing a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Paths that still answer while draining: probes (readiness reports 503 itself) and metrics.
+ANSWERED_WHILE_DRAINING = ("/v2/health/", "/metrics")
+CLOSE = (b"connection", b"close")
+DRAINING_MESSAGE = "the server is shutting down; send the request to another replica"
+
+
+class DrainingMiddleware:
+    """Wraps the HTTP app. After :meth:`start_draining` (call it once the listeners are closed),
+    :meth:`wait_idle` returns when every admitted request has finished."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.draining = False
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.draining and not scope["path"].startswith(ANSWERED_WHILE_DRAINING):
+            await reject_draining(scope, send)
+            return
+
+        async def send_closing_when_draining(message: Message) -> None:
+            if self.draining and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), CLOSE]}
+            await send(message)
+
+        self.active += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, receive, send_closing_when_draining)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no admitted request is running; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+async def reject_draining(scope: Scope, send: Send) -> None:
+    """503 + ``Connection: close``, in OpenAI's error shape under ``/v1``."""
+    if scope["path"].startswith("/v1/"):
+        error: Any = {
+            "message": DRAINING_MESSAGE,
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    else:
+        error = DRAINING_MESSAGE
+    body = json.dumps({"error": error}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        CLOSE,
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
