@@ -274,7 +274,8 @@ UNSUPPORTED = {
     "LogSettings": "log settings",
 }
 for _method, _what in UNSUPPORTED.items():
-    setattr(InferenceServicer, _method, _unsupported(_method, _what))
+    if _method not in InferenceServicer.__dict__:  # not implemented by the class itself
+        setattr(InferenceServicer, _method, _unsupported(_method, _what))
 
 
 def create_grpc_server(
