@@ -33,6 +33,7 @@ from trtpipe.server.documents import (
 from trtpipe.server.errors import ModelNotReadyError
 from trtpipe.server.protocol import InferRequest, ProtocolError
 from trtpipe.server.text_input import (
+    MASK_OUTPUT,
     POOLED_OUTPUT,
     TOKEN_OUTPUTS,
     TextEncoder,
@@ -216,7 +217,8 @@ class ServedModel:
                     f"input {TEXT_INPUT!r} has datatype {text.datatype}; text is sent as BYTES"
                 )
             truncate = bool(request.parameters.get("truncation", True))
-            return await self.infer_texts(decode_texts(text.data), truncate)
+            wanted = None if request.outputs is None else {o.name for o in request.outputs}
+            return await self.infer_texts(decode_texts(text.data), truncate, wanted)
         assert self.checker is not None
         feeds = self.checker.check(request)
         result: dict[str, np.ndarray] = await batcher.submit(feeds, validated=True)
@@ -249,11 +251,17 @@ class ServedModel:
             return await asyncio.to_thread(self.encode_texts, texts, truncate)
         return self.encode_texts(texts, truncate)
 
-    async def infer_texts(self, texts: list[str], truncate: bool) -> dict[str, np.ndarray]:
+    async def infer_texts(
+        self, texts: list[str], truncate: bool, wanted: set[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every output (or only ``wanted`` ones, when all exist) plus the text mask."""
         rows = await self._encode(texts, truncate)
         results = await self.run_rows(rows)
         lengths = [int(r["input_ids"].shape[1]) for r in rows]
-        return merge_rows(self.outputs, results, lengths)
+        outputs = self.outputs
+        if wanted is not None and wanted <= {s.name for s in outputs} | {MASK_OUTPUT}:
+            outputs = [s for s in outputs if s.name in wanted]  # skip merging unwanted ones
+        return merge_rows(outputs, results, lengths)
 
     async def embed(self, texts: list[str]) -> tuple[list[np.ndarray], int]:
         """Sentence embeddings (engine pooled output, else masked mean + L2) and token count."""
