@@ -345,3 +345,34 @@ def test_container_entry_serves_every_engine_dir(tmp_path: Path):
     )
     assert empty.returncode == 2 and empty.stdout == ""
     assert empty.stderr.startswith(f"error: no engine dirs (DIR/manifest.json) under {tmp_path}")
+
+
+def test_log_filter_shows_trtpipe_and_turned_on_loggers_only():
+    """What reaches stderr without -v: trtpipe's records, ERRORs of others, and the loggers a
+    command turns on (serve --access-log shows uvicorn.access)."""
+    import logging
+
+    from trtpipe.cli import logs
+
+    quiet = logs._ByOrigin(logs.third_party_level(0))
+
+    def shown(name: str, level: int) -> bool:
+        return quiet.filter(logging.LogRecord(name, level, __file__, 1, "m", None, None))
+
+    assert shown("trtpipe.build", logging.INFO) and shown("trtpipe", logging.INFO)
+    assert not shown("modelopt.onnx.autocast", logging.INFO)
+    assert not shown("fusion_skiplayernorm", logging.WARNING) and not shown("root", logging.WARNING)
+    assert shown("onnxruntime", logging.ERROR)
+    assert not shown("trtpipe_other", logging.INFO)  # a prefix, not a package
+    assert not shown("uvicorn.access", logging.INFO)
+    logs.show_logger("uvicorn.access")
+    try:
+        assert shown("uvicorn.access", logging.INFO) and not shown("uvicorn.error", logging.INFO)
+        assert logging.getLogger("uvicorn.access").level == logging.INFO
+    finally:
+        logs._shown.discard("uvicorn.access")
+        logging.getLogger("uvicorn.access").setLevel(logging.NOTSET)
+    verbose = logs._ByOrigin(logs.third_party_level(1))
+    assert verbose.filter(
+        logging.LogRecord("modelopt", logging.WARNING, __file__, 1, "m", None, None)
+    )

@@ -14,6 +14,8 @@ import warnings
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 _third_party_level = logging.ERROR
+# Loggers shown like trtpipe's own (their level decides): trtpipe, and what a command turns on.
+_shown: set[str] = {"trtpipe"}
 
 
 def third_party_level(verbose: int) -> int:
@@ -34,8 +36,16 @@ class _ByOrigin(logging.Filter):
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            return True
         name = record.name
-        return name == "trtpipe" or name.startswith("trtpipe.") or record.levelno >= self.level
+        return any(name == shown or name.startswith(f"{shown}.") for shown in _shown)
+
+
+def show_logger(name: str, level: int = logging.INFO) -> None:
+    """Show another library's logger at ``level`` by default (``serve --access-log``)."""
+    _shown.add(name)
+    logging.getLogger(name).setLevel(level)
 
 
 def configure_logging(verbose: int) -> None:

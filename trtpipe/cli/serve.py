@@ -29,6 +29,12 @@ import click
     metavar="NAME",
     help="Explicit mode: a model to load at startup (repeatable; * for all).",
 )
+@click.option(
+    "--allow-shared-memory",
+    is_flag=True,
+    help="Enable the system shared memory extension (clients register POSIX shm regions and "
+    "pass tensors through them; regions are confined to their registered size).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--http-port",
@@ -135,6 +141,7 @@ def command(
     cpu_threads: int | None = None,
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
+    allow_shared_memory: bool = False,
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
 
@@ -143,6 +150,7 @@ def command(
     formed by a dynamic batcher and dealt across the devices; SIGTERM drains and exits 0.
     """
 
+    from trtpipe.cli.logs import show_logger
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
     from trtpipe.server.app import InferenceServer, ServerConfig
@@ -174,6 +182,10 @@ def command(
     repository = ModelRepository.from_specs(
         [*engine_dirs, *named], config, control_mode=model_control_mode, load=load_models
     )
+    if allow_shared_memory:
+        from trtpipe.server.shared_memory import SystemSharedMemory
+
+        repository.shared_memory = SystemSharedMemory()
     server = InferenceServer(
         repository,
         ServerConfig(
@@ -185,6 +197,8 @@ def command(
             access_log=access_log,
         ),
     )
+    if access_log:
+        show_logger("uvicorn.access")  # one INFO line per request, quiet otherwise
     click.echo(
         f"loading {', '.join(repository.names)} on {', '.join(map(str, chosen))} ...",
         err=True,
