@@ -129,9 +129,9 @@ def command(
         int8_selection=int8_selection or "greedy",
         int8_target=int8_target,
     )
+    click.echo(f"building {precision} engine for {chosen} ...", err=True)
     if precision == "fp16" or (precision == "int8" and chosen == "tensorrt"):
         quiet_modelopt()  # the precision step runs ModelOpt
-    click.echo(f"building {precision} engine for {chosen} ...", err=True)
     engine = build_engine_dir(config)
     click.echo(f"wrote {engine.path} ({engine.manifest.backend}, {engine.manifest.precision})")
 
