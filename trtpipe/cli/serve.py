@@ -14,6 +14,27 @@ import click
     metavar="NAME=DIR",
     help="Serve DIR under model name NAME (repeatable); plain ENGINE_DIRs use the dir name.",
 )
+@click.option(
+    "--model-control-mode",
+    type=click.Choice(["none", "explicit"]),
+    default="none",
+    show_default=True,
+    help="As Triton: none serves every model given; explicit loads/unloads models of the "
+    "repository by name at run time (POST /v2/repository/models/NAME/load|unload).",
+)
+@click.option(
+    "--load-model",
+    "load_models",
+    multiple=True,
+    metavar="NAME",
+    help="Explicit mode: a model to load at startup (repeatable; * for all).",
+)
+@click.option(
+    "--allow-shared-memory",
+    is_flag=True,
+    help="Enable the system shared memory extension (clients register POSIX shm regions and "
+    "pass tensors through them; regions are confined to their registered size).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--http-port",
@@ -88,6 +109,11 @@ import click
     help="Run every length bucket once per device before reporting ready.",
 )
 @click.option(
+    "--cpu-threads",
+    type=click.IntRange(1),
+    help="Intra-op threads per CPU worker (default: the cores split across the CPU workers).",
+)
+@click.option(
     "--null-runner",
     is_flag=True,
     help="Measure the front end alone: the engine replaced by a zero-cost runner of the same "
@@ -112,13 +138,19 @@ def command(
     access_log: bool,
     warmup: bool,
     null_runner: bool,
+    cpu_threads: int | None = None,
+    model_control_mode: str = "none",
+    load_models: tuple[str, ...] = (),
+    allow_shared_memory: bool = False,
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
 
-    Each engine is a model named after its directory (or NAME=DIR via --name). Batches are
+    Each engine is a model named after its directory (or NAME=DIR via --name); a directory of
+    engine dirs is a model repository whose engines are all served, by folder name. Batches are
     formed by a dynamic batcher and dealt across the devices; SIGTERM drains and exits 0.
     """
 
+    from trtpipe.cli.logs import show_logger
     from trtpipe.devices import parse_devices, parse_gpus
     from trtpipe.errors import InputError
     from trtpipe.server.app import InferenceServer, ServerConfig
@@ -143,10 +175,17 @@ def command(
         timeout_s=timeout_s,
         warmup=warmup,
         null_runner=null_runner,
+        threads_per_cpu_worker=cpu_threads,
     )
     if null_runner:
         click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)
-    repository = ModelRepository.from_specs([*engine_dirs, *named], config)
+    repository = ModelRepository.from_specs(
+        [*engine_dirs, *named], config, control_mode=model_control_mode, load=load_models
+    )
+    if allow_shared_memory:
+        from trtpipe.server.shared_memory import SystemSharedMemory
+
+        repository.shared_memory = SystemSharedMemory()
     server = InferenceServer(
         repository,
         ServerConfig(
@@ -158,6 +197,8 @@ def command(
             access_log=access_log,
         ),
     )
+    if access_log:
+        show_logger("uvicorn.access")  # one INFO line per request, quiet otherwise
     click.echo(
         f"loading {', '.join(repository.names)} on {', '.join(map(str, chosen))} ...",
         err=True,
@@ -173,5 +214,4 @@ def command(
 
     from trtpipe.server.loop import run
 
-    run(server.run(on_started=announce))
-    click.echo("server stopped", err=True)
+    run(server.run(on_started=announce))  # the server logs "server stopped" itself
