@@ -29,3 +29,28 @@ def save_matmul_relu(path: Path, weight_seed: int = 0, features: int = 4, out: i
 
 def matmul_relu_weight(weight_seed: int = 0, features: int = 4, out: int = 3) -> np.ndarray:
     return np.random.default_rng(weight_seed).standard_normal((features, out)).astype(np.float32)
+
+
+def save_add_sub(path: Path, width: int = 16) -> Path:
+    """Triton's "simple" model as plain ONNX: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1
+    (int32 ``[batch, width]``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def tensor(name: str) -> object:
+        return helper.make_tensor_value_info(name, TensorProto.INT32, ["batch", width])
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [tensor("INPUT0"), tensor("INPUT1")],
+        [tensor("OUTPUT0"), tensor("OUTPUT1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

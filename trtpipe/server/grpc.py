@@ -30,6 +30,7 @@ from trtpipe.server.protocol import (
     numpy_dtype,
     raw_data,
     select_outputs,
+    shared_memory_off,
     tensor_from_raw,
     v2_datatype,
 )
@@ -60,17 +61,23 @@ def parameter_value(param: Any) -> Any:
     return getattr(param, kind) if kind else None
 
 
-def decode_request(request: Any) -> InferRequest:
-    """ModelInferRequest -> InferRequest, checking every stated size."""
+def decode_request(request: Any, shared_memory: Any = None) -> InferRequest:
+    """ModelInferRequest -> InferRequest, checking every stated size.
+
+    ``shared_memory`` (None: the extension is off) resolves tensors that name a region; the
+    raw_input_contents then belong, in order, to the inputs that do not.
+    """
     if not request.inputs:
         raise ProtocolError("infer request has no inputs")
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_memory = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
+    if raw and len(raw) != len(in_memory):
         raise ProtocolError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-            "send raw contents for every input or for none"
+            f"raw_input_contents has {len(raw)} entries for {len(in_memory)} inputs; "
+            "send raw contents for every input (not in shared memory) or for none"
         )
     inputs: list[InputTensor] = []
+    raw_index = 0
     for index, tensor in enumerate(request.inputs):
         name, datatype = tensor.name, tensor.datatype
         if not name:
@@ -78,9 +85,13 @@ def decode_request(request: Any) -> InferRequest:
         dtype = numpy_dtype(datatype, name)
         shape = check_shape([int(d) for d in tensor.shape], name)
         if "shared_memory_region" in tensor.parameters:
-            raise ProtocolError(f"input {name!r}: shared memory is not supported by this server")
-        if raw:
-            data = tensor_from_raw(name, datatype, shape, raw[index])
+            if shared_memory is None:
+                raise shared_memory_off(name)
+            ref = grpc_shared_memory_ref(tensor.parameters, name)
+            data = tensor_from_raw(name, datatype, shape, shared_memory.read(ref, name))
+        elif raw:
+            data = tensor_from_raw(name, datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             field = CONTENTS_FIELD.get(datatype)
             if field is None:
@@ -104,12 +115,37 @@ def decode_request(request: Any) -> InferRequest:
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"an input is given twice: {names}")
-    outputs = [RequestedOutput(o.name, True) for o in request.outputs] or None
+    outputs = [
+        RequestedOutput(o.name, True, requested_region(o, shared_memory)) for o in request.outputs
+    ] or None
     parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
     return InferRequest(inputs, outputs, request.id, parameters)
 
 
-def encode_response(model_name: str, version: str, request_id: str, outputs: Any) -> Any:
+def grpc_shared_memory_ref(parameters: Any, name: str) -> Any:
+    from trtpipe.server.shared_memory import shared_memory_ref
+
+    return shared_memory_ref({k: parameter_value(v) for k, v in parameters.items()}, name)
+
+
+def requested_region(output: Any, shared_memory: Any) -> Any:
+    """The shared memory region a requested output names (None: sent in the response)."""
+    if "shared_memory_region" not in output.parameters:
+        return None
+    if shared_memory is None:
+        raise shared_memory_off(output.name)
+    return grpc_shared_memory_ref(output.parameters, output.name)
+
+
+def encode_response(
+    model_name: str,
+    version: str,
+    request_id: str,
+    outputs: Any,
+    placed: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """``placed``: outputs written to shared memory (name -> parameters); their raw contents
+    entry is empty, which keeps raw_output_contents aligned with outputs."""
     response = service_pb2.ModelInferResponse(
         model_name=model_name, model_version=version, id=request_id
     )
@@ -118,7 +154,15 @@ def encode_response(model_name: str, version: str, request_id: str, outputs: Any
         entry.name = name
         entry.datatype = v2_datatype(array.dtype)
         entry.shape.extend(int(d) for d in array.shape)
-        response.raw_output_contents.append(raw_data(array))
+        if placed and name in placed:
+            for key, value in placed[name].items():
+                if isinstance(value, str):
+                    entry.parameters[key].string_param = value
+                else:
+                    entry.parameters[key].int64_param = int(value)
+            response.raw_output_contents.append(b"")
+        else:
+            response.raw_output_contents.append(raw_data(array))
     return response
 
 
@@ -204,6 +248,44 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.models.add(**entry)
         return response
 
+    # -- system shared memory (trtpipe.server.shared_memory; off without --allow-shared-memory)
+    async def _shared_memory(self, method: str, context: Any, work: Callable[[Any], Any]) -> Any:
+        shm = self.repository.shared_memory
+        if shm is None:
+            from trtpipe.server.shared_memory import OFF_MESSAGE
+
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {OFF_MESSAGE}")
+
+        async def run() -> Any:
+            return work(shm)
+
+        return await self._guard(context, run)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        def work(shm: Any) -> Any:
+            shm.register(request.name, request.key, request.offset, request.byte_size)
+            return service_pb2.SystemSharedMemoryRegisterResponse()
+
+        return await self._shared_memory("SystemSharedMemoryRegister", context, work)
+
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        def work(shm: Any) -> Any:
+            response = service_pb2.SystemSharedMemoryStatusResponse()
+            for region in shm.status(request.name):
+                response.regions[region["name"]].CopyFrom(
+                    service_pb2.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+                )
+            return response
+
+        return await self._shared_memory("SystemSharedMemoryStatus", context, work)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        def work(shm: Any) -> Any:
+            shm.unregister(request.name)
+            return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+        return await self._shared_memory("SystemSharedMemoryUnregister", context, work)
+
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         """Load (or reload) a model of the repository by name (explicit model control)."""
 
@@ -231,10 +313,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             started = time.perf_counter_ns()
             ok = False
             try:
-                decoded = decode_request(request)
+                shm = self.repository.shared_memory
+                decoded = decode_request(request, shm)
                 produced = await model.infer(decoded)
                 selected = select_outputs(produced, decoded.outputs, True)
-                response = encode_response(model.name, model.version, decoded.id, selected)
+                placed = None
+                if shm is not None and any(o.shared_memory for o in decoded.outputs or ()):
+                    placed = shm.write_outputs(decoded.outputs, selected)
+                response = encode_response(model.name, model.version, decoded.id, selected, placed)
                 ok = True
                 return response
             finally:
@@ -263,9 +349,6 @@ def _unsupported(method: str, what: str) -> Callable[..., Awaitable[Any]]:
 
 
 UNSUPPORTED = {
-    "SystemSharedMemoryRegister": "system shared memory",
-    "SystemSharedMemoryStatus": "system shared memory",
-    "SystemSharedMemoryUnregister": "system shared memory",
     "CudaSharedMemoryRegister": "CUDA shared memory",
     "CudaSharedMemoryStatus": "CUDA shared memory",
     "CudaSharedMemoryUnregister": "CUDA shared memory",

@@ -204,6 +204,10 @@ def create_http_app(
     from trtpipe.server.repository_routes import repository_router
 
     app.include_router(repository_router(repository))
+    # System shared memory extension (answers 400 unless --allow-shared-memory).
+    from trtpipe.server.shared_memory import shared_memory_router
+
+    app.include_router(shared_memory_router(repository.shared_memory))
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -273,7 +277,7 @@ async def infer_reply(
     ok = False
     try:
         body = await read()
-        reply = await run_infer(model, body, header_length)
+        reply = await run_infer(model, body, header_length, repository.shared_memory)
         ok = True
         return reply
     finally:
@@ -312,21 +316,25 @@ def openai_error_body(wire: WireError) -> bytes:
 
 
 async def run_infer(
-    model: ServedModel, body: bytes, header_length: str | None
+    model: ServedModel, body: bytes, header_length: str | None, shared_memory: Any = None
 ) -> tuple[bytes, int | None]:
+    """``shared_memory``: the server's system shared memory regions (None: extension off)."""
     large = len(body) > OFFLOAD_BYTES
     if large:
-        request = await asyncio.to_thread(parse_http_request, body, header_length)
+        request = await asyncio.to_thread(parse_http_request, body, header_length, shared_memory)
     else:
-        request = parse_http_request(body, header_length)
+        request = parse_http_request(body, header_length, shared_memory)
     produced = await model.infer(request)
     selected = select_outputs(produced, request.outputs, request.binary_default)
+    placed = None
+    if shared_memory is not None and any(o.shared_memory for o in request.outputs or ()):
+        placed = shared_memory.write_outputs(request.outputs, selected)
     size = sum(array.nbytes for _, array, _ in selected)
     if size > OFFLOAD_BYTES:
         return await asyncio.to_thread(
-            encode_http_response, model.name, model.version, request.id, selected
+            encode_http_response, model.name, model.version, request.id, selected, None, placed
         )
-    return encode_http_response(model.name, model.version, request.id, selected)
+    return encode_http_response(model.name, model.version, request.id, selected, None, placed)
 
 
 def parse_embeddings_request(

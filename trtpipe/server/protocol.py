@@ -54,9 +54,19 @@ class InputTensor:
 
 
 @dataclass
+class SharedMemoryRef:
+    """A tensor's bytes in a registered system shared memory region (server.shared_memory)."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+@dataclass
 class RequestedOutput:
     name: str
     binary: bool | None = None  # None: follow the request-wide binary_data_output
+    shared_memory: SharedMemoryRef | None = None  # written into this region, not the response
 
 
 @dataclass
@@ -214,8 +224,21 @@ def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def parse_http_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
-    """A v2 infer request body (JSON, optionally followed by binary tensor data)."""
+def shared_memory_off(name: str) -> ProtocolError:
+    return ProtocolError(
+        f"tensor {name!r}: shared memory is not supported by this server (start it with "
+        "--allow-shared-memory)"
+    )
+
+
+def parse_http_request(
+    body: bytes, header_length: str | int | None = None, shared_memory: Any = None
+) -> InferRequest:
+    """A v2 infer request body (JSON, optionally followed by binary tensor data).
+
+    ``shared_memory`` (a :class:`trtpipe.server.shared_memory.SystemSharedMemory`, or None when
+    the extension is off) resolves inputs and outputs that name a region.
+    """
     if header_length is None or header_length == "":
         json_part: bytes | memoryview = body
         binary = memoryview(b"")
@@ -259,8 +282,16 @@ def parse_http_request(body: bytes, header_length: str | int | None = None) -> I
         shape = check_shape(item.get("shape"), name)
         params = _parameters(item, f"input {name!r}")
         if "shared_memory_region" in params:
-            raise ProtocolError(f"input {name!r}: shared memory is not supported by this server")
-        if "binary_data_size" in params:
+            if shared_memory is None:
+                raise shared_memory_off(name)
+            from trtpipe.server.shared_memory import shared_memory_ref
+
+            if "data" in item or "binary_data_size" in params:
+                raise ProtocolError(f"input {name!r} names a shared memory region and sends data")
+            ref = shared_memory_ref(params, name)
+            assert ref is not None
+            data = tensor_from_raw(name, datatype, shape, shared_memory.read(ref, name))
+        elif "binary_data_size" in params:
             size = params["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError(f"input {name!r}: binary_data_size must be an integer >= 0")
@@ -296,11 +327,18 @@ def parse_http_request(body: bytes, header_length: str | int | None = None) -> I
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise ProtocolError(f"outputs[{index}] needs a 'name'")
             params = _parameters(item, f"output {item['name']!r}")
+            ref = None
             if "shared_memory_region" in params:
-                raise ProtocolError("shared memory outputs are not supported by this server")
+                if shared_memory is None:
+                    raise shared_memory_off(item["name"])
+                from trtpipe.server.shared_memory import shared_memory_ref
+
+                ref = shared_memory_ref(params, item["name"])
             binary_flag = params.get("binary_data")
             outputs.append(
-                RequestedOutput(item["name"], None if binary_flag is None else bool(binary_flag))
+                RequestedOutput(
+                    item["name"], None if binary_flag is None else bool(binary_flag), ref
+                )
             )
     return InferRequest(inputs, outputs, request_id, _parameters(header, "request"))
 
@@ -347,8 +385,13 @@ def encode_http_response(
     request_id: str,
     outputs: list[tuple[str, np.ndarray, bool]],
     parameters: dict[str, Any] | None = None,
+    placed: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Response body and the Inference-Header-Content-Length (None when all JSON)."""
+    """Response body and the Inference-Header-Content-Length (None when all JSON).
+
+    ``placed``: outputs already written to shared memory (name -> their parameters): the
+    response names the region instead of carrying the data.
+    """
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, array, binary in outputs:
@@ -357,7 +400,9 @@ def encode_http_response(
             "datatype": v2_datatype(array.dtype),
             "shape": [int(d) for d in array.shape],
         }
-        if binary:
+        if placed and name in placed:
+            entry["parameters"] = placed[name]
+        elif binary:
             raw = raw_data(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

@@ -52,6 +52,8 @@ class ModelRepository(ModelControl):
         # Decoder engines (KV cache) answer the generate / completions endpoints instead.
         self.generators: dict[str, Any] = dict(generators or {})
         self.init_control(available or {}, config or ServeConfig(), pool_factory, control_mode)
+        # System shared memory regions (trtpipe.server.shared_memory); None: the extension is off.
+        self.shared_memory: Any = None
 
     @classmethod
     def from_specs(
