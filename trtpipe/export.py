@@ -153,12 +153,19 @@ def export_model(
             raise BuildError(f"export of {model!r} produced no model.onnx (got {produced})")
         import onnx
 
+        from trtpipe.onnx_files import referenced_files
+
+        # The graph only: a model over 2 GB keeps its weights in model.onnx_data beside it.
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+        weights = referenced_files(graph)
+        missing = [name for name in weights if not (tmp / name).is_file()]
+        if missing:
+            raise BuildError(f"export of {model!r} lost its external weights {missing}")
+        if weights:
+            size = sum((tmp / name).stat().st_size for name in weights)
+            log.info("weights in external data: %s (%.2f GB)", ", ".join(weights), size / 1e9)
         opset_used = max(
-            (
-                o.version
-                for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
-                if o.domain in ("", "ai.onnx")
-            ),
+            (o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
             default=opset or 0,
         )
         resolved_task = task if task != "auto" else detect_task(str(tmp))

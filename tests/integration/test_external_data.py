@@ -212,3 +212,30 @@ def test_tensorrt_build_of_an_external_data_model(
     else:
         assert dtypes["external"].count(onnx.TensorProto.FLOAT16) >= 10
     np.testing.assert_allclose(results["external"], results["inline"], rtol=0, atol=1e-4)
+
+
+def test_export_with_external_weights(
+    tiny_bert_dir: Path, tiny_bert_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """optimum's switch for what every export over 2 GB does: the export dir holds the graph, one
+    ``model.onnx_data`` beside it (no per-tensor files, no scratch), and the same function."""
+    import onnxruntime as ort
+
+    from trtpipe.export import ExportInfo, export_model
+
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    onnx_path = export_model(str(tiny_bert_dir), tmp_path / "onnx")
+    assert external_data_files(onnx_path) == ["model.onnx_data"]
+    assert {p.name for p in onnx_path.parent.iterdir()} == {
+        p.name for p in tiny_bert_onnx.parent.iterdir()
+    } | {"model.onnx_data"}
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+    assert ExportInfo.read(onnx_path.parent) == ExportInfo.read(tiny_bert_onnx.parent)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1000, 30000, size=(2, 9), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": 0 * ids}
+    got, want = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (onnx_path, tiny_bert_onnx)
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
