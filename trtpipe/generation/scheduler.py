@@ -24,6 +24,7 @@ import numpy as np
 
 from trtpipe.errors import InputError, TrtpipeError
 from trtpipe.generation.batch_state import Row, RunningBatch, join_caches
+from trtpipe.generation.histogram import LatencyHistogram
 from trtpipe.generation.kv_cache import DecoderSession
 from trtpipe.generation.prompts import left_pad, position_ids
 from trtpipe.generation.sequence import Sequence
@@ -86,6 +87,8 @@ class Scheduler:
         self.pad_id = pad_id
         self.name = name
         self.stats = SchedulerStats()
+        self.ttft = LatencyHistogram()  # submit -> first token (queue wait + prefill)
+        self.itl = LatencyHistogram()  # between two tokens of one sequence
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._accepting = False
@@ -138,6 +141,11 @@ class Scheduler:
                 seq.submitted = now
                 self._waiting.append(seq)
             self._cond.notify()
+
+    @property
+    def accepting(self) -> bool:
+        """False once ``stop`` began: new requests are refused (503)."""
+        return self._accepting
 
     @property
     def running(self) -> int:
@@ -265,7 +273,9 @@ class Scheduler:
             self.stats.prompt_tokens += len(seq.prompt_ids)
             token = seq.choose(logits[i], best[i])
             self.stats.generated_tokens += 1
-            if seq.accept(token, logits[i]):
+            finished = seq.accept(token, logits[i])
+            self.ttft.observe((seq.first_token_at or seq.submitted) - seq.submitted)
+            if finished:
                 self.stats.finished += 1
                 continue
             survivors.append(Row(seq, len(seq.prompt_ids), token))
@@ -315,7 +325,10 @@ class Scheduler:
             token = row.seq.choose(logits[i], best[i])
             self.stats.generated_tokens += 1
             row.pending = token
-            if row.seq.accept(token, logits[i]):
+            finished = row.seq.accept(token, logits[i])
+            if row.seq.gap is not None:
+                self.itl.observe(row.seq.gap)
+            if finished:
                 row.live = False
                 self.stats.finished += 1
         if not self.batch.live:  # every row finished: the cache is free

@@ -104,6 +104,8 @@ class Sequence:
     finish_reason: str | None = None
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
+    gap: float | None = None
 
     def __post_init__(self) -> None:
         self.cancelled = False  # set by the caller's thread, read by the scheduler's
@@ -145,8 +147,12 @@ class Sequence:
 
     def accept(self, token: int, logits: np.ndarray) -> bool:
         """Record ``token``, emit its event; True when the sequence has finished."""
+        now = time.monotonic()
+        # Seconds since this sequence's previous token (None for its first one).
+        self.gap = None if self.first_token_at is None else now - self.last_token_at
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = now
+        self.last_token_at = now
         self.token_ids.append(token)
         finish: str | None = None
         if token in self._stop_ids:

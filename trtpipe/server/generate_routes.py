@@ -133,7 +133,8 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
     ``Generator`` is wrapped in one)."""
     router = APIRouter()
     served: dict[str, Any] = {
-        name: ServedGeneration(m) if isinstance(m, Generator) else m for name, m in models.items()
+        name: ServedGeneration(m, name=name) if isinstance(m, Generator) else m
+        for name, m in models.items()
     }
     router.served = served  # type: ignore[attr-defined]  # the app drains and closes them
 

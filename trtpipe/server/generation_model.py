@@ -19,6 +19,7 @@ from typing import Any
 
 from trtpipe.errors import InputError
 from trtpipe.generation.generator import Generator
+from trtpipe.generation.histogram import LatencyHistogram
 from trtpipe.generation.sampling import SamplingParams
 from trtpipe.generation.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from trtpipe.generation.sequence import Sequence, TokenEvent
@@ -84,10 +85,28 @@ class _TaggedSink:
         self.shared.put_tagged(self.index, item)
 
 
+TEXT_TENSORS = {
+    # Triton's TensorRT-LLM backend names (ensemble model): text in, text out.
+    "inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1]},
+    ],
+    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+}
+
+
 class ServedGeneration:
     """A decoder engine behind the generation endpoints (see the module docstring)."""
 
-    def __init__(self, generator: Generator, config: SchedulerConfig | None = None):
+    version = "1"
+
+    def __init__(
+        self,
+        generator: Generator,
+        config: SchedulerConfig | None = None,
+        name: str = "",
+    ):
+        self.name = name or generator.engine.path.name
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.spec = generator.spec
@@ -102,9 +121,14 @@ class ServedGeneration:
 
     @classmethod
     def load(
-        cls, engine: Any, devices: Seq[Any] | None = None, config: SchedulerConfig | None = None
+        cls,
+        name: str,
+        engine: Any,
+        devices: Seq[Any] | None = None,
+        config: SchedulerConfig | None = None,
+        threads: int | None = None,
     ) -> ServedGeneration:
-        return cls(Generator(engine, devices), config)
+        return cls(Generator(engine, devices, threads), config, name)
 
     # -- requests ------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -166,10 +190,88 @@ class ServedGeneration:
         scheduler.submit(*seqs)
         return seqs
 
-    # -- state ---------------------------------------------------------------------------------
+    # -- state and Triton documents -------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return not self.closed and bool(self.schedulers)
+        return (
+            not self.closed and bool(self.schedulers) and all(s.accepting for s in self.schedulers)
+        )
+
+    def devices_status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "device": str(s.session.device),
+                "healthy": s.accepting,
+                "running": s.running,
+                "waiting": s.waiting,
+            }
+            for s in self.schedulers
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        manifest = self.generator.engine.manifest
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": f"trtpipe_generation_{manifest.backend}",
+            **TEXT_TENSORS,
+            "parameters": {
+                "task": manifest.task,
+                "max_total_tokens": self.spec.max_total,
+                "max_prompt_tokens": self.spec.max_prompt,
+                "endpoints": [
+                    f"/v2/models/{self.name}/generate",
+                    f"/v2/models/{self.name}/generate_stream",
+                    "/v1/completions",
+                    "/v1/chat/completions",
+                ],
+            },
+        }
+
+    def model_config(self) -> dict[str, Any]:
+        manifest = self.generator.engine.manifest
+        first = self.schedulers[0].config if self.schedulers else SchedulerConfig()
+        return {
+            "name": self.name,
+            "platform": f"trtpipe_generation_{manifest.backend}",
+            "backend": manifest.backend,
+            "max_batch_size": max((s.max_batch for s in self.schedulers), default=0),
+            "input": [
+                {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
+                for t in TEXT_TENSORS["inputs"]
+            ],
+            "output": [
+                {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
+                for t in TEXT_TENSORS["outputs"]
+            ],
+            # Tokens stream back as they are made (Triton's decoupled mode).
+            "model_transaction_policy": {"decoupled": True},
+            "sequence_batching": {"continuous": True},
+            "dynamic_batching": {
+                "default_queue_policy": {
+                    "timeout_action": "REJECT",
+                    "default_timeout_microseconds": int((first.timeout_s or 0) * 1e6),
+                    "max_queue_size": first.max_queue_size,
+                }
+            },
+            "instance_group": [
+                {"name": f"{self.name}_{s.session.device}", "count": 1} for s in self.schedulers
+            ],
+            "parameters": {
+                "precision": {"string_value": manifest.precision},
+                "task": {"string_value": manifest.task},
+            },
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        counts = self.stats()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "inference_count": counts["finished"],
+            "execution_count": counts["steps"] + counts["prefills"],
+            "generation_stats": counts,
+        }
 
     def stats(self) -> dict[str, int]:
         """Counters summed over devices, plus running / waiting sequences and slots held."""
@@ -182,6 +284,13 @@ class ServedGeneration:
         total["slots_in_use"] = sum(s.slots_in_use for s in self.schedulers)
         total["slots"] = sum(s.max_batch for s in self.schedulers)
         return total
+
+    def histogram(self, kind: str) -> LatencyHistogram:
+        """``ttft`` or ``itl`` over every device."""
+        merged = LatencyHistogram()
+        for scheduler in self.schedulers:
+            merged = merged.merge(getattr(scheduler, kind))
+        return merged
 
     def drain(self, timeout: float | None = None) -> None:
         """Refuse new requests (503) and let running sequences finish."""
