@@ -35,6 +35,18 @@ import click
     help="Enable the system shared memory extension (clients register POSIX shm regions and "
     "pass tensors through them; regions are confined to their registered size).",
 )
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Deploy as a Ray Serve application (Ray's HTTP proxy on --host/--http-port; one "
+    "replica per GPU, or --replicas CPU replicas). Needs pip install 'trtpipe[ray]'.",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(1),
+    help="--ray: number of replicas [default: one per GPU of --gpus, else 1].",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--http-port",
@@ -142,6 +154,8 @@ def command(
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
     allow_shared_memory: bool = False,
+    use_ray: bool = False,
+    replicas: int | None = None,
 ) -> None:
     """Serve ENGINE_DIRs over KServe v2 (Triton-compatible) HTTP and gRPC.
 
@@ -179,6 +193,13 @@ def command(
     )
     if null_runner:
         click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)
+    if use_ray:
+        _serve_on_ray(
+            [*engine_dirs, *named], config, replicas, bool(gpus), host, http_port, max_body_mb
+        )
+        return
+    if replicas is not None:
+        raise InputError("--replicas applies to --ray only")
     repository = ModelRepository.from_specs(
         [*engine_dirs, *named], config, control_mode=model_control_mode, load=load_models
     )
@@ -215,3 +236,41 @@ def command(
     from trtpipe.server.loop import run
 
     run(server.run(on_started=announce))  # the server logs "server stopped" itself
+
+
+def _serve_on_ray(
+    specs: list[str],
+    config: object,
+    replicas: int | None,
+    on_gpus: bool,
+    host: str,
+    http_port: int,
+    max_body_mb: float,
+) -> None:
+    """``--ray``: the same server as a Ray Serve application behind Ray's HTTP proxy."""
+    import dataclasses
+
+    from trtpipe.deploy.ray import RayOptions, run
+    from trtpipe.errors import InputError
+
+    if not http_port:
+        raise InputError("--ray serves HTTP through Ray's proxy: give an --http-port")
+    assert dataclasses.is_dataclass(config) and not isinstance(config, type)
+    settings = dataclasses.asdict(config)
+    devices = settings.pop("devices")
+    threads = settings.get("threads_per_cpu_worker") or 1
+    options = RayOptions(
+        engines=specs,
+        replicas=replicas or (len(devices) if on_gpus else 1),
+        gpus=on_gpus,
+        cpus=float(threads),
+        serve_options=settings,
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+    )
+    click.echo(
+        f"deploying {options.replicas} Ray Serve replica(s) "
+        f"({'1 GPU' if on_gpus else f'{threads} CPU(s)'} each); HTTP on {host}:{http_port}, "
+        "gRPC is not proxied",
+        err=True,
+    )
+    run(options, host, http_port)
