@@ -47,6 +47,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     reference = Generator(engine)
     yield {
         "url": f"http://127.0.0.1:{thread.server.http_port}",
+        "grpc_port": thread.server.grpc_port,
         "model": model,
         "chat_engine": chat_engine,
         "reference": reference,
@@ -224,3 +225,27 @@ def test_served_generation_bench_counts_every_token(served: dict) -> None:
         assert level["generated_tokens"] == 4 * 5  # EOS ignored: exactly max tokens each
         assert level["ttft_ms_p50"] > 0 and level["tokens_per_s"] > 0
     assert "| c2 |" in markdown_table(result)
+
+
+def test_generation_model_over_grpc_and_in_prometheus(served: dict) -> None:
+    import tritonclient.grpc as grpcclient
+
+    url = f"127.0.0.1:{served['grpc_port']}"
+    with grpcclient.InferenceServerClient(url) as grpc_client:
+        assert grpc_client.is_model_ready(PLAIN)
+        metadata = grpc_client.get_model_metadata(PLAIN, as_json=True)
+    assert metadata["name"] == PLAIN
+    assert [t["name"] for t in metadata["inputs"]] == ["text_input", "max_tokens"]
+    client(served).completions.create(model=PLAIN, prompt="Once", max_tokens=3, temperature=0)
+    text = httpx.get(served["url"] + "/metrics", timeout=10).text
+    series = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trtpipe_generation") and f'model="{PLAIN}"' in line
+        and "_bucket" not in line
+    }  # fmt: skip
+    assert series["trtpipe_generation_generated_tokens"] >= 3
+    assert series["trtpipe_generation_requests_finished"] >= 1
+    assert series["trtpipe_generation_time_to_first_token_seconds_count"] >= 1
+    assert series["trtpipe_generation_running_sequences"] == 0
+    assert series["trtpipe_generation_kv_slots"] > 0

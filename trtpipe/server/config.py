@@ -28,6 +28,12 @@ class ServeConfig:
     # Intra-op threads per CPU worker (None: the machine's cores split across CPU workers).
     threads_per_cpu_worker: int | None = None
 
+    def generation(self) -> Any:
+        """The continuous-batching scheduler options of a generation model (same limits)."""
+        from trtpipe.generation.scheduler import SchedulerConfig
+
+        return SchedulerConfig(self.max_batch_size, self.max_queue_size, self.timeout_s)
+
 
 PoolFactory = Callable[[EngineDir, ServeConfig], Any]
 

@@ -194,7 +194,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 and request.name not in self.repository.generators
             ):  # in the repository, not loaded: not ready (as Triton answers)
                 return service_pb2.ModelReadyResponse(ready=False)
-            model = self.repository.get(request.name, request.version)
+            model = self.repository.describe(request.name, request.version)
             ready = model.ready and self.state.started and not self.state.draining
             return service_pb2.ModelReadyResponse(ready=ready)
 
@@ -207,7 +207,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
-            doc = self.repository.get(request.name, request.version).metadata()
+            doc = self.repository.describe(request.name, request.version).metadata()
             return json_format.ParseDict(
                 doc, service_pb2.ModelMetadataResponse(), ignore_unknown_fields=True
             )

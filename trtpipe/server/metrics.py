@@ -132,6 +132,9 @@ class ServerMetrics:
     def __init__(self, repository: ModelRepository):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RepositoryCollector(repository))
+        from trtpipe.server.generation_metrics import GenerationCollector
+
+        self.registry.register(GenerationCollector(lambda: dict(repository.generators)))
 
     def render(self) -> bytes:
         return render(self.registry)

@@ -78,9 +78,11 @@ class ModelRepository(ModelControl):
             if name not in initial:
                 continue
             if is_decoder(engine.manifest.inputs):
-                from trtpipe.generation.generator import Generator
+                from trtpipe.server.generation_model import ServedGeneration
 
-                generators[name] = Generator(engine, config.devices)
+                generators[name] = ServedGeneration.load(
+                    name, engine, config.devices, config.generation(), config.threads_per_cpu_worker
+                )
             else:
                 models.append(ServedModel(name, engine, config, pool_factory))
         return cls(models, generators, dict(named), config, pool_factory, control_mode)
@@ -107,6 +109,19 @@ class ModelRepository(ModelControl):
             )
         return model
 
+    def describe(self, name: str, version: str | None = None) -> Any:
+        """The model for the metadata, ready, config and stats documents: a tensor model or a
+        generation model (``get`` refuses the latter, as v2 infer cannot run it)."""
+        generation = self.generators.get(name)
+        if generation is None:
+            return self.get(name, version)
+        if version not in (None, "", generation.version):
+            raise ModelNotFoundError(
+                f"Request for unknown model: '{name}' version {version} is not found; "
+                f"available: [{generation.version!r}]"
+            )
+        return generation
+
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(list(self.models.values()))  # a load/unload may change the dict meanwhile
 
@@ -119,7 +134,8 @@ class ModelRepository(ModelControl):
     def ready(self) -> bool:
         # Explicit model control: the server is ready with no model loaded, as Triton's is.
         served = bool(self.models) or bool(self.generators) or self.control_mode == "explicit"
-        return served and all(m.ready for m in list(self.models.values()))
+        generation = all(g.ready for g in list(self.generators.values()))
+        return served and generation and all(m.ready for m in list(self.models.values()))
 
     async def start(self) -> None:
         for model in self.models.values():
@@ -127,5 +143,7 @@ class ModelRepository(ModelControl):
 
     async def stop(self, drain: bool = True) -> None:
         await asyncio.gather(*(m.stop(drain) for m in self.models.values()), return_exceptions=True)
+        if drain:  # running sequences finish; waiting and new ones get 503
+            await asyncio.gather(*(asyncio.to_thread(g.drain) for g in self.generators.values()))
         for generator in self.generators.values():
             generator.close()
