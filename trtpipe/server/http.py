@@ -32,6 +32,13 @@ from trtpipe.server.protocol import (
     select_outputs,
 )
 from trtpipe.server.repository import ModelRepository
+from trtpipe.server.schemas import (
+    SchemaError,
+    error_responses,
+    install_openapi,
+    parse_embeddings_document,
+    request_body,
+)
 from trtpipe.server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -127,6 +134,7 @@ def create_http_app(
         redoc_url=None,
         default_response_class=JSONResponse,
     )
+    install_openapi(app)  # the request documents the raw-body routes validate
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> Response:
@@ -214,8 +222,14 @@ def create_http_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     # -- inference ------------------------------------------------------------------------------
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    infer_body, infer_errors = request_body("InferRequest"), error_responses()
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=infer_body, responses=infer_errors)
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        openapi_extra=infer_body,
+        responses=infer_errors,
+    )
     async def infer(name: str, request: Request, version: str = "") -> Response:
         # Served by trtpipe.server.fast_path for tensor models; generation models land here.
         payload, header_length = await infer_reply(
@@ -249,7 +263,11 @@ def create_http_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/embeddings")
+    @app.post(
+        "/v1/embeddings",
+        openapi_extra=request_body("EmbeddingsRequest"),
+        responses=error_responses(openai=True),
+    )
     async def embeddings(request: Request) -> Response:
         # Served by trtpipe.server.fast_path; kept for /openapi.json and direct ASGI use.
         try:
@@ -340,12 +358,10 @@ async def run_infer(
 def parse_embeddings_request(
     body: bytes, repository: ModelRepository
 ) -> tuple[list[str], ServedModel, str]:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"malformed JSON in embeddings request: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("embeddings request must be a JSON object")
+    try:  # one pass: JSON parse and schema (schemas.EmbeddingsRequest)
+        doc = parse_embeddings_document(body)
+    except SchemaError as exc:
+        raise ProtocolError(str(exc)) from None
     name = doc.get("model")
     if name is None:
         embedders = [m for m in repository if m.is_embedding_model]
@@ -354,8 +370,6 @@ def parse_embeddings_request(
                 f"'model' is required; embedding models: {[m.name for m in embedders]}"
             )
         model = embedders[0]
-    elif not isinstance(name, str):
-        raise ProtocolError("'model' must be a string")
     else:
         model = repository.get(name)
     raw = doc.get("input")

@@ -8,7 +8,6 @@ is allocated; a lie is a :class:`ProtocolError` (HTTP 400 / gRPC INVALID_ARGUMEN
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import orjson
 
 from trtpipe.errors import InputError
+from trtpipe.server.schemas import SchemaError, parse_infer_document
 
 # KServe v2 datatype names <-> numpy. BYTES holds variable-length byte strings (object arrays).
 V2_TO_NUMPY: dict[str, Any] = {
@@ -255,18 +255,12 @@ def parse_http_request(
             )
         json_part = memoryview(body)[:length]
         binary = memoryview(body)[length:]
-    try:
-        header = orjson.loads(json_part)  # rejects lone surrogates and depth > 1024 too
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"malformed JSON in infer request: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("infer request must be a JSON object")
-    raw_inputs = header.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise ProtocolError("infer request needs a non-empty 'inputs' list")
+    try:  # one pass: JSON parse and schema (lone surrogates, deep nesting: malformed JSON)
+        header = parse_infer_document(json_part)
+    except SchemaError as exc:
+        raise ProtocolError(str(exc)) from None
+    raw_inputs = header["inputs"]
     request_id = header.get("id", "")
-    if not isinstance(request_id, str):
-        raise ProtocolError("'id' must be a string")
 
     inputs: list[InputTensor] = []
     offset = 0
