@@ -32,8 +32,12 @@ def triton_layout_error(path: Path) -> InputError | None:
 def engine_dirs_in(path: Path) -> list[tuple[str, Path]]:
     """``path`` itself when it is an engine dir, else its sub-dirs that are (by folder name)."""
     if not path.exists():
-        raise InputError(f"{path} does not exist (give an engine dir or a dir of engine dirs)")
-    if not path.is_dir() or (path / MANIFEST_NAME).is_file():
+        raise InputError(
+            f"{path} is not an engine directory: it does not exist (give an engine dir or a dir "
+            "of engine dirs)"
+        )
+    if not path.is_dir() or (path / MANIFEST_NAME).is_file() or (path / "model.onnx").is_file():
+        # (an export dir: EngineDir says to build it first)
         return [(path.resolve().name, path)]
     found: list[tuple[str, Path]] = []
     for child in sorted(path.iterdir()):
