@@ -48,6 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     yield {
         "url": f"http://127.0.0.1:{thread.server.http_port}",
         "grpc_port": thread.server.grpc_port,
+        "engine": engine,
         "model": model,
         "chat_engine": chat_engine,
         "reference": reference,
@@ -249,3 +250,63 @@ def test_generation_model_over_grpc_and_in_prometheus(served: dict) -> None:
     assert series["trtpipe_generation_time_to_first_token_seconds_count"] >= 1
     assert series["trtpipe_generation_running_sequences"] == 0
     assert series["trtpipe_generation_kv_slots"] > 0
+
+
+def test_closed_stream_frees_its_row(served: dict) -> None:
+    import time
+
+    body = {"model": PLAIN, "prompt": "Once", "max_tokens": 200, "stream": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    before = generation_series(served)
+    with httpx.stream("POST", served["url"] + "/v1/completions", json=body, timeout=30) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")
+    # The connection is gone: the row is retired at the next step and counted as cancelled.
+    deadline, series = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        series = generation_series(served)
+        if (
+            series["trtpipe_generation_requests_cancelled"]
+            > before["trtpipe_generation_requests_cancelled"]
+        ):
+            break
+        time.sleep(0.05)
+    cancelled = "trtpipe_generation_requests_cancelled"
+    assert series[cancelled] == before[cancelled] + 1
+    assert series["trtpipe_generation_running_sequences"] == 0
+    generated = "trtpipe_generation_generated_tokens"
+    assert series[generated] - before[generated] < 200  # it never ran to its end
+
+
+def generation_series(served: dict) -> dict[str, float]:
+    text = httpx.get(served["url"] + "/metrics", timeout=10).text
+    return {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trtpipe_generation") and f'model="{PLAIN}"' in line
+        and "_bucket" not in line
+    }  # fmt: skip
+
+
+def test_stop_lets_running_streams_finish(served: dict) -> None:
+    import threading
+
+    from tests.server_utils import start_server
+
+    thread = start_server([f"{PLAIN}={served['engine']}"], devices=1, grpc=False)
+    url = f"http://127.0.0.1:{thread.server.http_port}/v1/completions"
+    body = {"model": PLAIN, "prompt": "Once", "max_tokens": 60, "stream": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    tokens, finish = 0, None
+    stopper = threading.Thread(target=thread.stop)
+    with httpx.stream("POST", url, json=body, timeout=60) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith('data: {"id"'):
+                continue
+            event = json.loads(line[len("data: ") :])
+            tokens += 1
+            finish = event["choices"][0]["finish_reason"] or finish
+            if tokens == 3:
+                stopper.start()  # SIGTERM's path: drain while this stream runs
+    stopper.join(60)
+    assert (tokens, finish) == (60, "length")
