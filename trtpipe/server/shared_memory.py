@@ -224,12 +224,11 @@ def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
 
     @router.post("/v2/systemsharedmemory/region/{name}/register")
     async def register(name: str, request: Request) -> Response:
+        from trtpipe.server.repository_routes import control_body
+
         shm = enabled()
-        try:
-            doc = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise SharedMemoryError(f"malformed JSON in register request: {exc}") from None
-        if not isinstance(doc, dict) or "key" not in doc or "byte_size" not in doc:
+        doc = await control_body(request)  # a small JSON object, read with a size limit
+        if "key" not in doc or "byte_size" not in doc:
             raise SharedMemoryError("register needs a JSON object with key, offset and byte_size")
         shm.register(name, doc["key"], doc.get("offset", 0), doc["byte_size"])
         return ok()
