@@ -220,10 +220,18 @@ def command(
     )
     if access_log:
         show_logger("uvicorn.access")  # one INFO line per request, quiet otherwise
-    click.echo(
-        f"loading {', '.join(repository.names)} on {', '.join(map(str, chosen))} ...",
-        err=True,
-    )
+    if repository.names:
+        click.echo(
+            f"loading {', '.join(repository.names)} on {', '.join(map(str, chosen))} ...",
+            err=True,
+        )
+    unloaded = sorted(set(repository.available) - set(repository.names))
+    if unloaded:
+        click.echo(
+            f"explicit model control: {', '.join(unloaded)} not loaded "
+            "(POST /v2/repository/models/NAME/load)",
+            err=True,
+        )
 
     def announce(started: InferenceServer) -> None:
         parts = []
