@@ -310,3 +310,23 @@ def test_stop_lets_running_streams_finish(served: dict) -> None:
                 stopper.start()  # SIGTERM's path: drain while this stream runs
     stopper.join(60)
     assert (tokens, finish) == (60, "length")
+
+
+def test_generation_model_is_first_class_on_v2(served: dict) -> None:
+    base = served["url"] + f"/v2/models/{PLAIN}"
+    metadata = httpx.get(base, timeout=10).json()
+    assert metadata["name"] == PLAIN and metadata["versions"] == ["1"]
+    assert [t["name"] for t in metadata["outputs"]] == ["text_output"]
+    ready = httpx.get(base + "/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    config = httpx.get(base + "/config", timeout=10).json()
+    assert config["model_transaction_policy"] == {"decoupled": True}
+    assert config["max_batch_size"] == 32  # the engine's profile maximum
+    client(served).completions.create(model=PLAIN, prompt="Once", max_tokens=2, temperature=0)
+    stats = httpx.get(base + "/stats", timeout=10).json()["model_stats"][0]
+    assert stats["name"] == PLAIN and stats["inference_count"] >= 1
+    assert stats["generation_stats"]["generated_tokens"] >= 2
+    every = httpx.get(served["url"] + "/v2/models/stats", timeout=10).json()["model_stats"]
+    assert {PLAIN, CHAT} <= {s["name"] for s in every}
+    assert PLAIN in httpx.get(served["url"] + "/v2/health/ready", timeout=10).json()["models"]
+    assert httpx.get(base + "/versions/2", timeout=10).status_code == 404

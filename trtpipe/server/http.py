@@ -172,7 +172,8 @@ def create_http_app(
             "started": state.started,
             "draining": state.draining,
             "models": {
-                m.name: {"ready": m.ready, "devices": m.devices_status()} for m in repository
+                m.name: {"ready": m.ready, "devices": m.devices_status()}
+                for m in [*repository, *repository.generators.values()]
             },
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -183,22 +184,23 @@ def create_http_app(
 
     @app.get("/v2/models/stats")
     async def all_stats() -> JSONResponse:
-        return JSONResponse({"model_stats": [m.statistics() for m in repository]})
+        models = [*repository, *repository.generators.values()]
+        return JSONResponse({"model_stats": [m.statistics() for m in models]})
 
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
     async def model_stats(name: str, version: str = "") -> JSONResponse:
-        return JSONResponse({"model_stats": [repository.get(name, version).statistics()]})
+        return JSONResponse({"model_stats": [repository.describe(name, version).statistics()]})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str = "") -> JSONResponse:
-        return JSONResponse(repository.get(name, version).metadata())
+        return JSONResponse(repository.describe(name, version).metadata())
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str = "") -> JSONResponse:
-        model = repository.get(name, version)
+        model = repository.describe(name, version)
         ok = model.ready and state.started and not state.draining
         body = {"name": model.name, "ready": ok, "devices": model.devices_status()}
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -206,7 +208,7 @@ def create_http_app(
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str = "") -> JSONResponse:
-        return JSONResponse(repository.get(name, version).model_config())
+        return JSONResponse(repository.describe(name, version).model_config())
 
     # Repository extension: index, load, unload (trtpipe.server.repository_routes).
     from trtpipe.server.repository_routes import repository_router
