@@ -35,8 +35,7 @@ class DrainingMiddleware:
         self.app = app
         self.draining = False
         self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None  # made only when the drain waits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,21 +51,24 @@ class DrainingMiddleware:
             await send(message)
 
         self.active += 1
-        self._idle.clear()
         try:
             await self.app(scope, receive, send_closing_when_draining)
         finally:
             self.active -= 1
-            if not self.active:
-                self._idle.set()
+            if not self.active and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
 
     def start_draining(self) -> None:
         self.draining = True
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no admitted request is running; False if ``timeout_s`` passed first."""
+        if not self.active:
+            return True
+        if self._idle is None or self._idle.done():
+            self._idle = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout_s)
         except asyncio.TimeoutError:
             return False
         return True
