@@ -28,12 +28,12 @@ from tests.trained_lm import build_decoder, export_decoder, train_tiny_lm
 RANDOM = {"llama": save_tiny_llama, "gpt2": save_tiny_gpt2}
 
 
-def model_dir(work: Path, arch: str, weights: str) -> Path:
+def model_dir(work: Path, arch: str, weights: str, steps: int, batch: int) -> Path:
     target = work / f"{arch}-{weights}" / "model"
     if (target / "config.json").is_file():
         return target
     if weights == "trained":
-        return train_tiny_lm(target, arch)
+        return train_tiny_lm(target, arch, steps=steps, batch=batch)
     return RANDOM[arch](target)
 
 
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--weights", default="random,trained")
     parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--train-steps", type=int, default=200, help="Training steps.")
+    parser.add_argument("--train-batch", type=int, default=16, help="Blocks per training step.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from trtpipe.compare_decoder import DecoderTolerances, compare_decoder_engine
@@ -52,7 +54,7 @@ def main() -> None:
     rows = []
     for arch in args.arch.split(","):
         for weights in args.weights.split(","):
-            model = model_dir(args.work, arch, weights)
+            model = model_dir(args.work, arch, weights, args.train_steps, args.train_batch)
             onnx_dir = args.work / f"{arch}-{weights}" / "onnx"
             onnx_path = (
                 onnx_dir / "model.onnx"

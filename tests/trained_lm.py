@@ -77,11 +77,13 @@ def make_model(arch: str) -> Any:
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def train_tiny_lm(target: Path, arch: str = "llama", steps: int = 200, seed: int = 0) -> Path:
+def train_tiny_lm(
+    target: Path, arch: str = "llama", steps: int = 200, seed: int = 0, batch: int = 16
+) -> Path:
     """Train ``arch`` on the bench corpus for ``steps`` AdamW steps; save model + tokenizer.
 
-    The corpus is one stream of ``<s> sentence </s>`` cut into 64-token blocks, 16 per step:
-    200 steps see about 1.5 passes over the corpus (about half a minute on two idle cores).
+    The corpus is one stream of ``<s> sentence </s>`` cut into 64-token blocks, ``batch`` per
+    step: 200 steps of 16 see about 1.5 passes over the corpus.
     """
     import torch
 
@@ -100,8 +102,8 @@ def train_tiny_lm(target: Path, arch: str = "llama", steps: int = 200, seed: int
     start = time.perf_counter()
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        batch = blocks[torch.randint(len(blocks), (16,), generator=generator)]
-        loss = model(input_ids=batch, labels=batch).loss
+        tokens = blocks[torch.randint(len(blocks), (batch,), generator=generator)]
+        loss = model(input_ids=tokens, labels=tokens).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
