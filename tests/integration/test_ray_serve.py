@@ -116,6 +116,30 @@ def test_openai_embeddings_through_the_proxy(ray_port: int, plain: ServerThread)
     np.testing.assert_allclose(through_ray, embed(plain.server.http_port), atol=1e-6)
 
 
+CLIENTS = 8
+
+
+def concurrent_throughput(port: int, per_client: int = 40, runs: int = 3) -> float:
+    """Median requests/s of CLIENTS threads, each with its own client, sending one-row requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client_loop() -> None:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = httpclient.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32), binary_data=True)
+        for _ in range(per_client):
+            client.infer("mm", [tensor])
+
+    rates = []
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        list(pool.map(lambda _: client_loop(), range(CLIENTS)))  # warm-up
+        for _ in range(runs):
+            start = time.perf_counter()
+            list(pool.map(lambda _: client_loop(), range(CLIENTS)))
+            rates.append(CLIENTS * per_client / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def test_proxy_overhead_against_plain_serve(ray_port: int, plain: ServerThread) -> None:
     """Median latency of one small binary request, sequential, after warm-up (same run)."""
     x = np.ones((1, 4), np.float32)
@@ -134,8 +158,17 @@ def test_proxy_overhead_against_plain_serve(ray_port: int, plain: ServerThread) 
                 client.infer("mm", [tensor])
             runs.append((time.perf_counter() - start) / 50)
         medians[label] = statistics.median(runs)
+    throughput = {
+        label: concurrent_throughput(port)
+        for label, port in (("plain", plain.server.http_port), ("ray", ray_port))
+    }
     print(
-        f"\nmedian latency per request: plain {1000 * medians['plain']:.2f} ms, "
+        f"\nthroughput, {CLIENTS} concurrent clients: plain {throughput['plain']:.0f} req/s, "
+        f"through Ray Serve {throughput['ray']:.0f} req/s "
+        f"(x{throughput['ray'] / throughput['plain']:.2f})"
+    )
+    print(
+        f"median latency per request: plain {1000 * medians['plain']:.2f} ms, "
         f"through Ray Serve {1000 * medians['ray']:.2f} ms "
         f"(+{1000 * (medians['ray'] - medians['plain']):.2f} ms, "
         f"x{medians['ray'] / medians['plain']:.2f})"
