@@ -15,7 +15,7 @@ class ServeConfig:
     """Devices, dispatch, batching and warm-up options shared by every served model."""
 
     devices: list[Device] = field(default_factory=lambda: [Device("cpu", 0)])
-    policy: str = "round_robin"
+    policy: str = "shared_queue"
     retry_on_failure: bool = True
     max_batch_size: int | None = None
     max_queue_delay_ms: float = 2.0
