@@ -91,6 +91,13 @@ def make_model(target: Path) -> None:
     print(f"saved {params / 1e6:.0f}M parameters ({params * 4 / 1e9:.2f} GB fp32) to {target}")
 
 
+def cpu_seconds(stderr: str) -> float | None:
+    """User + system CPU seconds from ``/usr/bin/time -v`` output (less than wall time when the
+    process waited for a shared CPU or the disk)."""
+    found = re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr)
+    return round(sum(float(v) for v in found), 1) if found else None
+
+
 def peak_and_wall(stderr: str) -> tuple[float | None, float | None]:
     """(max RSS in GiB, elapsed seconds) from ``/usr/bin/time -v`` output."""
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
@@ -123,6 +130,7 @@ def run_step(name: str, command: list[str], work: Path, record: dict) -> bool:
         "command": " ".join(command),
         "returncode": proc.returncode,
         "wall_s": round(wall if wall is not None else time.time() - start, 1),
+        "cpu_s": cpu_seconds(proc.stderr),
         "peak_rss_gib": round(peak, 2) if peak is not None else None,
     }
     print(f"   -> rc {proc.returncode}, {record[name]}", flush=True)
