@@ -74,10 +74,10 @@ def main() -> None:
     from trtpipe.cpu_features import int8_kernel_family
     from trtpipe.engine import TensorSpec
     from trtpipe.export import export_model
+    from trtpipe.int8_proxy import smooth_activations
     from trtpipe.precision import (
         default_calibration_texts,
         int8_recipe,
-        smooth_activations,
         to_int8_dynamic,
         to_int8_qdq,
     )

@@ -125,3 +125,24 @@ def test_weight_type_reaches_the_quantized_graph(
     assert [n.op_type for n in quantized.graph.node].count("MatMulInteger") == 2
     with pytest.raises(InputError, match="weight type"):
         to_int8_dynamic(tmp_path / "fp32.onnx", tmp_path / "x.onnx", feeds(), weight_type="int4")
+
+
+def test_proxy_selection_and_smoothing_paths(tmp_path: Path) -> None:
+    """The local-error proxy and SmoothQuant smoothing (trtpipe.int8_proxy) still plug in."""
+    two_matmuls(tmp_path / "fp32.onnx")
+    proxy = to_int8_dynamic(
+        tmp_path / "fp32.onnx", tmp_path / "p.onnx", feeds(), selection="proxy", keep_fraction=0.5
+    )
+    assert proxy["selection"] == "proxy" and proxy["kept_fp32"] == ["first"]
+    smoothed = to_int8_dynamic(
+        tmp_path / "fp32.onnx",
+        tmp_path / "s.onnx",
+        feeds(),
+        alpha=0.5,
+        keep_fp32=[],
+    )
+    assert smoothed["smoothed_nodes"] == 2 and smoothed["selection"] == "given"
+    want = session(onnx.load(str(tmp_path / "fp32.onnx"))).run(["y"], feeds())[0]
+    got = session(onnx.load(str(tmp_path / "s.onnx"))).run(["y"], feeds())[0]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert 0.9 < cosine < 1.0
