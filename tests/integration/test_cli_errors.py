@@ -226,7 +226,7 @@ def test_conflicting_max_shapes_name_both_inputs(tiny_bert_onnx: Path, tmp_path:
         (["--generate", "--texts", "x.txt"], "--texts applies to the offline mode (ENGINE_DIR) "
          "or the online mode (--url), not to the generation mode (--generate)"),
         (["--url", "127.0.0.1:9", "--model", "m"], "give the served engine as --engine-dir"),
-        (["--url", "127.0.0.1:9", "--generate"], "give one of them"),
+        (["--url", "127.0.0.1:9", "--generate"], "give the served engine as --engine-dir"),
         (["--text-limit", "0"], "Invalid value for '--text-limit'"),
         (["--scaling-batches", "0"], "Invalid value for '--scaling-batches'"),
     ],

@@ -396,6 +396,7 @@ def test_online_bench_on_a_generation_model_says_what_to_use(decoder: dict, tmp_
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
         f"error: model 'llm' on {url} is a text-generation engine; the online bench sends "
-        "tensor requests to KServe v2 infer. Benchmark it with trtpipe bench ENGINE_DIR --generate"
+        "tensor requests to KServe v2 infer. Add --generate to benchmark its generation on the "
+        "server"
     ]
     assert list(tmp_path.iterdir()) == []

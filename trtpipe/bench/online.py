@@ -135,12 +135,24 @@ async def _why_not_ready(client: Any, config: OnlineConfig) -> str:
             "failing or it is still loading); see the serve log"
         )
     if "text-generation" in reason:
-        return (
-            f"model {config.model!r} on {config.url} is a text-generation engine; the online "
-            "bench sends tensor requests to KServe v2 infer. Benchmark it with "
-            "trtpipe bench ENGINE_DIR --generate"
-        )
+        return _generation_model(config)
     return f"model {config.model!r} is not served by {config.url}: {reason}"
+
+
+def _generation_model(config: OnlineConfig) -> str:
+    return (
+        f"model {config.model!r} on {config.url} is a text-generation engine; the online "
+        "bench sends tensor requests to KServe v2 infer. Add --generate to benchmark its "
+        "generation on the server"
+    )
+
+
+def _is_generation_model(metadata: dict[str, Any]) -> bool:
+    """A served decoder: trtpipe's generation platform, or a text-generation task."""
+    task = str((metadata.get("parameters") or {}).get("task", ""))
+    return str(metadata.get("platform", "")).startswith("trtpipe_generation") or (
+        "text-generation" in task
+    )
 
 
 async def _level(
@@ -230,6 +242,8 @@ async def _sweep(config: OnlineConfig, vocab: int) -> tuple[list[dict[str, Any]]
     client = triton_http.InferenceServerClient(url, conn_limit=max(config.concurrency) + 4)
     try:
         metadata = await _connect(client, config)
+        if _is_generation_model(metadata):
+            raise InputError(_generation_model(config))
         arrays = request_arrays(metadata["inputs"], config.seq_len, vocab, PAYLOADS)
         datatypes = {spec["name"]: spec["datatype"] for spec in metadata["inputs"]}
         payloads = []
