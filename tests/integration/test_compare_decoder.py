@@ -219,3 +219,10 @@ def test_decoder_gate_user_errors_are_one_line(random_llama: dict[str, Path]) ->
     assert code == 2 and "its gate runs on real text" in out
     code, out = invoke("compare", engine, "--new-tokens", "500")
     assert code == 2 and "--new-tokens 500 leaves no room for a prompt" in out
+
+
+def test_decoder_options_on_an_encoder_engine_are_named(tiny_bert_engine: Path) -> None:
+    for option, value in (("--new-tokens", "4"), ("--min-greedy", "0.5")):
+        code, out = invoke("compare", str(tiny_bert_engine), option, value)
+        assert code == 2, out
+        assert "--new-tokens and --min-greedy apply to text-generation engines" in out

@@ -100,6 +100,14 @@ def command(
 
         tolerances: Tolerances = DecoderTolerances.for_precision(engine.manifest.precision)
     else:
+        from click.core import ParameterSource
+
+        given = click.get_current_context().get_parameter_source("new_tokens")
+        if min_greedy is not None or given is ParameterSource.COMMANDLINE:
+            raise InputError(
+                "--new-tokens and --min-greedy apply to text-generation engines; "
+                f"{engine.path} is a {engine.manifest.task} engine"
+            )
         tolerances = Tolerances.for_precision(engine.manifest.precision)
     for field_name, value in (
         ("max_abs", max_abs),
