@@ -126,7 +126,9 @@ def test_requests_running_and_queued_at_sigterm_all_get_200(
         bodies = [json_infer_body(random_feeds(rng, 1, int(n))) for n in (5, 9, 9, 12, 5, 7)]
         idle = [connection(http_port) for _ in range(3)]
         held = [connection(http_port) for _ in bodies]
-        with ThreadPoolExecutor(len(bodies)) as clients:
+        unused = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+        unused.connect()  # accepted before the signal, its request not sent yet
+        with ThreadPoolExecutor(len(bodies) + 1) as clients:
             path = f"/v2/models/{MODEL}/infer"
             # one request runs (held at the gate), then five queue behind it
             futures = [clients.submit(request, held[0], "POST", path, bodies[0])]
@@ -153,6 +155,8 @@ def test_requests_running_and_queued_at_sigterm_all_get_200(
             assert (status, close) == (503, "close")
             assert json.loads(raw)["error"]["type"] == "server_error"
             assert not any(f.done() for f in futures), "a held request finished early"
+            # a connection accepted before the listener closed: its first request is served
+            futures.append(clients.submit(request, unused, "POST", path, bodies[1]))
 
             os.write(release, b"x" * 16)  # let every batch run
             answers = [f.result(timeout=60) for f in futures]

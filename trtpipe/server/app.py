@@ -216,7 +216,11 @@ class InferenceServer:
         if self._drain is not None:
             # only now do responses say Connection: close: a client told so earlier would
             # reconnect to a listener about to close, and a closing listener resets its backlog
-            self._drain.start_draining()
+            self._drain.start_draining(
+                getattr(c, "client", None)
+                for c in server.server_state.connections
+                if getattr(c, "cycle", False) is None  # uvicorn: no request on it yet
+            )
         if self._drain is not None and not task.done():
             if not await self._drain.wait_idle(self.config.drain_timeout_s):
                 log.warning(

@@ -35,6 +35,9 @@ class DrainingMiddleware:
         self.app = app
         self.draining = False
         self.active = 0
+        # peers of connections accepted before the listeners closed that sent nothing yet:
+        # their first request was sent before the drain, so it is served
+        self._first_request_of: set[Any] = set()
         self._idle: asyncio.Future[None] | None = None  # made only when the drain waits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -42,8 +45,11 @@ class DrainingMiddleware:
             await self.app(scope, receive, send)
             return
         if self.draining and not scope["path"].startswith(ANSWERED_WHILE_DRAINING):
-            await reject_draining(scope, send)
-            return
+            client = tuple(scope.get("client") or ())
+            if client not in self._first_request_of:
+                await reject_draining(scope, send)
+                return
+            self._first_request_of.discard(client)
 
         async def send_closing_when_draining(message: Message) -> None:
             if self.draining and message["type"] == "http.response.start":
@@ -58,7 +64,11 @@ class DrainingMiddleware:
             if not self.active and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
 
-    def start_draining(self) -> None:
+    def start_draining(self, unanswered_connections: Any = ()) -> None:
+        """From now on: 503 + close, except the first request of ``unanswered_connections``
+        (client addresses of connections accepted before the listeners closed that have not
+        sent a request yet)."""
+        self._first_request_of = {tuple(c) for c in unanswered_connections if c}
         self.draining = True
 
     async def wait_idle(self, timeout_s: float) -> bool:
