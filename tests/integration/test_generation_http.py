@@ -152,4 +152,6 @@ def test_openai_client_raises_on_bad_parameters(served: dict) -> None:
 def test_serve_lists_generation_and_encoder_models_and_is_ready(served: dict) -> None:
     models = httpx.get(served["url"] + "/v1/models", timeout=10).json()
     assert sorted(m["id"] for m in models["data"]) == ["encoder", MODEL]
+    for name in ("encoder", MODEL):  # /v1/models/{id} answers for every kind of model
+        assert httpx.get(served["url"] + f"/v1/models/{name}", timeout=10).json()["id"] == name
     assert httpx.get(served["url"] + "/v2/health/ready", timeout=10).status_code == 200

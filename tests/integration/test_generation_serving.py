@@ -204,7 +204,7 @@ def test_models_endpoint_answers_for_one_model(served: dict) -> None:
     import openai
 
     assert client(served).models.retrieve(PLAIN).id == PLAIN
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError, match="unknown model 'nope'"):
         client(served).models.retrieve("nope")
     reply = httpx.post(
         served["url"] + "/v2/models/tiny-llama/generate",

@@ -1,5 +1,5 @@
 """Text generation over HTTP: Triton-style ``/v2/models/{m}/generate`` (+ ``_stream`` SSE),
-OpenAI ``/v1/completions`` and ``/v1/chat/completions`` (streaming and not), ``/v1/models/{id}``.
+OpenAI ``/v1/completions`` and ``/v1/chat/completions`` (streaming and not).
 
 Include it with ``app.include_router(generate_router({name: served}))``. Each request becomes
 one or more sequences in a device's continuous-batching scheduler (``ServedGeneration``), so
@@ -214,19 +214,6 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
         return sse_response(job, render, openai=False)
 
     # -- OpenAI ---------------------------------------------------------------------------------
-    @router.get("/v1/models/{model_id}")
-    async def openai_model(model_id: str) -> Response:
-        if model_id not in served:
-            from trtpipe.server.errors import ModelNotFoundError
-
-            return error_response(
-                ModelNotFoundError(f"unknown model {model_id!r}; models: {sorted(served)}"),
-                openai=True,
-            )
-        return JSONResponse(
-            {"id": model_id, "object": "model", "created": 0, "owned_by": "trtpipe"}
-        )
-
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:

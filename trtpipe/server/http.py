@@ -265,6 +265,15 @@ def create_http_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    @app.get("/v1/models/{model_id}")
+    async def openai_model(model_id: str) -> JSONResponse:
+        if model_id not in repository.names:
+            raise OpenAIError(
+                ModelNotFoundError(f"unknown model {model_id!r}; models: {repository.names}")
+            )
+        doc = {"id": model_id, "object": "model", "created": 0, "owned_by": SERVER_NAME}
+        return JSONResponse(doc)
+
     @app.post(
         "/v1/embeddings",
         openapi_extra=request_body("EmbeddingsRequest"),
