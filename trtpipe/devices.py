@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trtpipe.errors import BackendUnavailableError, InputError
@@ -60,6 +61,39 @@ def parse_devices(text: str) -> list[Device]:
     if len(set(devices)) != len(devices):
         raise InputError(f"--devices {text!r} names a device twice")
     return devices
+
+
+def pipeline_groups(devices: list[Device], stages: int) -> list[list[Device]]:
+    """Cut a device list into pipeline replicas of ``stages`` consecutive devices each.
+
+    ``cuda:0,cuda:1,cuda:2,cuda:3`` with 2 stages -> [[cuda:0, cuda:1], [cuda:2, cuda:3]].
+    """
+    if stages < 1 or not devices or len(devices) % stages:
+        raise InputError(
+            f"{len(devices)} device(s) ({', '.join(str(d) for d in devices)}) do not divide into "
+            f"pipeline replicas of {stages} stages: give a multiple of {stages} devices"
+        )
+    return [devices[i : i + stages] for i in range(0, len(devices), stages)]
+
+
+def stage_devices(device: Device | Sequence[Device] | None, stages: int) -> list[Device]:
+    """The device group of one pipeline replica.
+
+    A list must name one device per stage. One device names the group that starts there:
+    ``cpu:0`` with 3 stages -> cpu:0, cpu:1, cpu:2 (CPU workers sharing the cores);
+    ``cuda:2`` with 2 stages -> cuda:2, cuda:3.
+    """
+    if device is None:
+        device = Device("cpu", 0)
+    if isinstance(device, Device):
+        return [Device(device.kind, device.index + i) for i in range(stages)]
+    group = list(device)
+    if len(group) != stages or len(set(group)) != len(group):
+        raise InputError(
+            f"a pipeline replica of this engine needs {stages} different devices (one per "
+            f"stage), got {len(group)}: {', '.join(str(d) for d in group)}"
+        )
+    return group
 
 
 def cpu_cores() -> int:

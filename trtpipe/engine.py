@@ -95,6 +95,9 @@ class Manifest:
     # int8 engines for ONNX Runtime: the int8 kernel family of the CPU they were built and
     # calibrated on (trtpipe.cpu_features); "" for every other engine and for 0.1.0 engine dirs.
     cpu_int8_family: str = ""
+    # Pipeline-stage engines (trtpipe.build.stages): one entry per stage, in order, with its
+    # dir ("stages/0"), block range, I/O names and weight bytes; empty for a single engine.
+    stages: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -130,6 +133,7 @@ class Manifest:
                 build_options=dict(data.get("build_options", {})),
                 extra=dict(data.get("extra", {})),
                 cpu_int8_family=str(data.get("cpu_int8_family", "")),
+                stages=[dict(stage) for stage in data.get("stages", [])],
                 format_version=int(data.get("format_version", FORMAT_VERSION)),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -166,8 +170,20 @@ class EngineDir:
             )
         if self.manifest.backend not in BACKENDS:
             raise EngineMismatchError(f"{self.path}: unknown backend {self.manifest.backend!r}")
-        if not self.engine_path.is_file():
+        if self.manifest.stages:
+            self.stage_dirs()  # each stage is a whole engine dir: open them to validate
+        elif not self.engine_path.is_file():
             raise InputError(f"{self.path}: engine file {self.manifest.engine_file} is missing")
+
+    def stage_dirs(self) -> list[EngineDir]:
+        """The stage engine dirs of a pipeline-stage engine, in order (empty for others)."""
+        stages = []
+        for i, stage in enumerate(self.manifest.stages):
+            path = self.path / str(stage.get("path", ""))
+            if not (path / MANIFEST_NAME).is_file():
+                raise InputError(f"{self.path}: stage {i} ({path.name}) is missing; rebuild it")
+            stages.append(EngineDir(path))
+        return stages
 
     @property
     def engine_path(self) -> Path:

@@ -31,6 +31,8 @@ def int8_family_line(built_on: str) -> str:
 
 def summarize(engine: EngineDir) -> str:
     m = engine.manifest
+    if m.stages:
+        return summarize_stages(engine)
     size_mb = engine.engine_path.stat().st_size / 1e6
     lines = [
         f"engine dir   {engine.path}",
@@ -73,3 +75,41 @@ def summarize(engine: EngineDir) -> str:
         timings = build_log.get("timings", {})
         lines.append("build time   " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return "\n".join(lines)
+
+
+def summarize_stages(engine: EngineDir) -> str:
+    """A pipeline-stage engine: the chain's I/O, then one row per stage (blocks, bytes, I/O)."""
+    m = engine.manifest
+    rows = []
+    for stage, stage_dir in zip(m.stages, engine.stage_dirs(), strict=True):
+        first, last = stage.get("layers", ["?", "?"])
+        size_mb = stage_dir.engine_path.stat().st_size / 1e6
+        rows.append(
+            [
+                stage.get("path", ""),
+                f"{first}-{last}",
+                f"{stage.get('weight_bytes', 0) / 1e6:.1f} MB",
+                f"{size_mb:.1f} MB",
+                ", ".join(stage.get("inputs", [])),
+                ", ".join(stage.get("outputs", [])),
+            ]
+        )
+    io_rows = [
+        [kind, spec.name, spec.dtype, str(spec.shape)]
+        for kind, specs in (("input", m.inputs), ("output", m.outputs))
+        for spec in specs
+    ]
+    return "\n".join(
+        [
+            f"engine dir   {engine.path}",
+            f"task         {m.task} ({m.library})",
+            f"backend      {m.backend}   precision {m.precision}",
+            f"stages       {len(m.stages)} (one device each; a pipeline replica is "
+            f"{len(m.stages)} devices)",
+            f"source       {m.source_model or '-'}",
+            "",
+            table(rows, ["stage", "blocks", "weights", "engine file", "inputs", "outputs"]),
+            "",
+            table(io_rows, ["io", "name", "dtype", "shape"]),
+        ]
+    )

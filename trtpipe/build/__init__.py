@@ -68,6 +68,10 @@ class BuildConfig:
     # calibration cosine greedy selection stops at (None: trtpipe.precision's default).
     int8_selection: str = "greedy"
     int8_target: float | None = None
+    # Pipeline stages (trtpipe.build.stages): cut into this many stage engines (0: one engine),
+    # by weight bytes or by the block ranges in ``stage_layers`` ("0-2,3-5").
+    pipeline_stages: int = 0
+    stage_layers: str | None = None
 
 
 def tensorrt_available() -> bool:
@@ -202,6 +206,10 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
 
     if config.precision not in PRECISIONS:
         raise InputError(f"unknown precision {config.precision!r}; use one of {PRECISIONS}")
+    if config.pipeline_stages or config.stage_layers:
+        from trtpipe.build.stages import build_staged_engine_dir
+
+        return build_staged_engine_dir(config)  # type: ignore[no-any-return]
     model = load_onnx(config.onnx_path)
     model_dir = config.onnx_path.parent
     info = ExportInfo.read(model_dir)

@@ -71,6 +71,18 @@ from trtpipe.export import BUILD_TASKS
     type=click.Path(path_type=Path),
     help="TensorRT timing cache file (read if present, updated after the build).",
 )
+@click.option(
+    "--pipeline-stages",
+    type=click.IntRange(1),
+    default=None,
+    help="Cut the model at transformer-block boundaries into N stage engines (one per "
+    "device), balanced by weight bytes.",
+)
+@click.option(
+    "--stage-layers",
+    default=None,
+    help="Blocks per stage instead of balancing, e.g. 0-2,3-5 (implies --pipeline-stages).",
+)
 def command(
     onnx_path: Path,
     output: Path,
@@ -89,6 +101,8 @@ def command(
     workspace_mb: int,
     optimization_level: int,
     timing_cache: Path | None,
+    pipeline_stages: int | None,
+    stage_layers: str | None,
 ) -> None:
     """Build an engine directory from ONNX_PATH (an ``export`` output)."""
     from trtpipe.build import BuildConfig, build_engine_dir, resolve_backend
@@ -128,6 +142,8 @@ def command(
         task=task,
         int8_selection=int8_selection or "greedy",
         int8_target=int8_target,
+        pipeline_stages=pipeline_stages or 0,
+        stage_layers=stage_layers,
     )
     click.echo(f"building {precision} engine for {chosen} ...", err=True)
     if precision == "fp16" or (precision == "int8" and chosen == "tensorrt"):
