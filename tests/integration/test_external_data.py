@@ -72,10 +72,13 @@ def run_engine(path: Path) -> dict[str, np.ndarray]:
         return runner.infer(prefill_feeds(engine))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8-proxy"])
 def test_onnxruntime_build_of_an_external_data_model(
     precision: str, llama_exports: dict[str, Path], tmp_path: Path
 ):
+    """int8-proxy: the local-error selection probes activations with a graph written beside the
+    weights (reading them in place), the path models over 2 GB take."""
+    precision, _, selection = precision.partition("-")
     export_dir = llama_exports["external"].parent
     export_before = listing(export_dir)
     engines = {}
@@ -87,6 +90,7 @@ def test_onnxruntime_build_of_an_external_data_model(
                 precision=precision,
                 backend="onnxruntime",
                 max_shapes={"input_ids": [4, 64]},
+                int8_selection=selection or "greedy",
             )
         ).path
     built = engines["external"]
@@ -113,6 +117,9 @@ def test_onnxruntime_build_of_an_external_data_model(
     if precision == "int8":
         kept = [log["precision"]["kept_fp32"] for log in logs.values()]
         assert kept[0] == kept[1]
+        if selection == "proxy":
+            assert kept[0]  # a fixed share of the nodes, chosen by the probe
+        assert {log["precision"]["selection"] for log in logs.values()} == {selection or "greedy"}
         assert logs["external"]["op_counts"]["integer_ops"] > 0
     if precision == "fp16":
         assert logs["external"]["op_counts"]["by_output_dtype"].get("float16", 0) > 0
