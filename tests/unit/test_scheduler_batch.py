@@ -144,3 +144,18 @@ def list_events(sink: QueueSink) -> list:
     while not sink.queue.empty():
         items.append(sink.queue.get())
     return items
+
+
+def test_latency_histogram_buckets_are_cumulative_and_merge() -> None:
+    from trtpipe.generation.histogram import LatencyHistogram
+
+    a, b = LatencyHistogram(), LatencyHistogram()
+    for seconds in (0.0005, 0.001, 0.02, 40.0):
+        a.observe(seconds)
+    b.observe(0.02)
+    merged = a.merge(b)
+    buckets = dict(merged.cumulative())
+    assert buckets["0.001"] == 2  # le 1 ms includes 1 ms itself
+    assert buckets["0.025"] == 4 and buckets["30.0"] == 4 and buckets["+Inf"] == 5
+    assert merged.count == 5 and merged.total == pytest.approx(40.0415)
+    assert a.count == 4  # merging leaves the parts alone
