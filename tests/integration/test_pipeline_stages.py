@@ -177,3 +177,25 @@ def test_bad_stage_options(minilm_onnx: Path, tmp_path: Path, args: list[str], m
     )
     assert code == 2 and message in text and "Traceback" not in text, text
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_stage_too_large_for_its_device(two_stages: EngineDir, monkeypatch: pytest.MonkeyPatch):
+    """The load-time memory check: weights over the free memory are refused, naming the stage."""
+    import trtpipe.runners.pipeline as pipeline
+
+    stages = two_stages.manifest.stages
+    total = sum(s["weight_bytes"] for s in stages)
+    # CPU workers share the host RAM: all CPU stages' weights count against it.
+    monkeypatch.setattr(pipeline, "free_bytes", lambda device: total - 1)
+    runner = runner_for(two_stages, CPU[:2])
+    with pytest.raises(InputError, match=r"stage 0 \(blocks \[0, 0\]\) does not fit cpu:0"):
+        runner.load()
+    assert not runner.loaded and runner.stage_runners == []
+    # GPUs are checked per stage: stage 1 (35.5 MB) fits 40 MB, stage 0 (54.8 MB) does not.
+    monkeypatch.setattr(pipeline, "free_bytes", lambda device: 40_000_000)
+    gpus = [Device("cuda", 0), Device("cuda", 1)]
+    with pytest.raises(InputError, match=r"stage 0 .* does not fit cuda:0: stage 0's weights"):
+        pipeline.check_stage_memory(stages, gpus)
+    pipeline.check_stage_memory(stages[1:], gpus[1:])  # fits: no error
+    monkeypatch.setattr(pipeline, "free_bytes", lambda device: total)
+    pipeline.check_stage_memory(stages, CPU[:2])

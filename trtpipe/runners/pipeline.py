@@ -52,6 +52,44 @@ class PipelineStats:
 _STOP = object()
 
 
+def free_bytes(device: Device) -> int:
+    """Memory a stage can still take on ``device``: free GPU memory, or available host RAM
+    (which all CPU workers share)."""
+    if device.is_gpu:
+        from trtpipe import cuda
+
+        cuda.set_device(device.index)
+        free, _ = cuda.check(cuda.cudart().cudaMemGetInfo(), "cudaMemGetInfo")
+        return int(free)
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_stage_memory(stages: list[dict[str, Any]], devices: list[Device]) -> None:
+    """Refuse a stage whose weights alone exceed its device's free memory, before loading.
+
+    A lower bound (activations and workspace come on top), but it turns an out-of-memory
+    failure deep in a backend into one line that names the stage. CPU workers share the host's
+    RAM, so their stages are counted together.
+    """
+    host_need = sum(
+        int(st.get("weight_bytes", 0))
+        for st, d in zip(stages, devices, strict=True)
+        if not d.is_gpu
+    )
+    for i, (stage, device) in enumerate(zip(stages, devices, strict=True)):
+        need = host_need if not device.is_gpu else int(stage.get("weight_bytes", 0))
+        free = free_bytes(device)
+        if need > free:
+            what = "the CPU stages' weights" if not device.is_gpu else f"stage {i}'s weights"
+            raise InputError(
+                f"stage {i} (blocks {stage.get('layers')}) does not fit {device}: {what} need "
+                f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free; cut the model into more "
+                "stages (--pipeline-stages) or move blocks with --stage-layers"
+            )
+
+
 class PipelineRunner(ManifestRunner):
     """Runs a staged engine dir (``manifest.stages``) across one device per stage."""
 
@@ -95,6 +133,7 @@ class PipelineRunner(ManifestRunner):
     def load(self) -> None:
         from trtpipe.runners import runner_for
 
+        check_stage_memory(self.engine.manifest.stages, self.devices)
         cpu_stages = sum(1 for d in self.devices if not d.is_gpu)
         threads = self.threads or (max(1, cpu_cores() // cpu_stages) if cpu_stages else None)
         try:
