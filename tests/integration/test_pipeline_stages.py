@@ -199,3 +199,41 @@ def test_stage_too_large_for_its_device(two_stages: EngineDir, monkeypatch: pyte
     pipeline.check_stage_memory(stages[1:], gpus[1:])  # fits: no error
     monkeypatch.setattr(pipeline, "free_bytes", lambda device: total)
     pipeline.check_stage_memory(stages, CPU[:2])
+
+
+def test_external_weights_read_per_stage(
+    minilm_onnx: Path, tmp_path: Path, minilm_serving_engine: Path
+):
+    """An export with its weights in model.onnx_data (as large models come) is cut from the
+    graph alone; each stage reads only its own weights and the outputs are unchanged."""
+    import shutil
+
+    import onnx
+
+    src = tmp_path / "onnx"
+    src.mkdir()
+    for path in minilm_onnx.parent.iterdir():
+        if path.is_file() and path.suffix != ".onnx" and not path.name.endswith("_data"):
+            shutil.copyfile(path, src / path.name)
+    onnx.save_model(
+        onnx.load(str(minilm_onnx)),
+        str(src / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx_data",
+        size_threshold=1024,
+    )
+    assert (src / "model.onnx").stat().st_size < 1_000_000  # the graph only
+    out = tmp_path / "pp2"
+    code, text = invoke(
+        "build", str(src / "model.onnx"), "--backend", "onnxruntime", "--stage-layers", "0-2,3-5",
+        *SHAPES, "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, text
+    engine = EngineDir(out)
+    assert [s["layers"] for s in engine.manifest.stages] == [[0, 2], [3, 5]]
+    assert engine.manifest.stages[1]["weight_bytes"] == 3 * 7_097_856
+    feeds = padded_feeds(engine)
+    with runner_for(minilm_serving_engine) as whole, runner_for(engine, CPU[:2]) as staged:
+        want, got = whole.infer(feeds), staged.infer(feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trtpipe.errors import InputError
@@ -247,7 +249,6 @@ def extract_stage(extractor: Any, plan: StagePlan, dim_names: dict[str, list[str
     Boundary tensors get the batch/sequence dim names of the graph inputs, so the ordinary
     profile code gives them the same ranges.
     """
-    import onnx
 
     model = extractor.extract_model(plan.inputs, plan.outputs)
     for value in [*model.graph.input, *model.graph.output]:
@@ -258,16 +259,22 @@ def extract_stage(extractor: Any, plan: StagePlan, dim_names: dict[str, list[str
         for axis, dim in enumerate(dims):
             if not dim.HasField("dim_value") and axis < len(names):
                 dim.dim_param = names[axis]
-    sizes = initializer_bytes(model.graph)
-    plan.weight_bytes = sum(sizes.values())
-    onnx.checker.check_model(model)
+    plan.weight_bytes = sum(initializer_bytes(model.graph).values())
     return model
 
 
-def cut_model(model: Any, plans: list[StagePlan]) -> list[Any]:
-    """One ONNX model per stage plan (the model must hold its weights in memory)."""
+def stage_models(
+    model: Any, plans: list[StagePlan], weights_dir: Path | None = None
+) -> Iterator[Any]:
+    """One ONNX model per stage plan, made one at a time.
+
+    ``model`` may be loaded without its external weights (``load_external_data=False``):
+    the cut needs only the graph, and each stage then reads just its own weights from
+    ``weights_dir``, so a model larger than memory is never loaded whole.
+    """
     import onnx.shape_inference
     import onnx.utils
+    from onnx.external_data_helper import load_external_data_for_model
 
     # The extractor needs the types of the boundary tensors: shape inference gives them.
     extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
@@ -277,7 +284,11 @@ def cut_model(model: Any, plans: list[StagePlan]) -> list[Any]:
     first = next(iter(dim_names.values()), [])
     # Boundary hidden states are [batch, sequence, hidden]: name the dynamic ones like the inputs.
     dim_names["__hidden__"] = [n for n in first[:2] if n]
-    return [extract_stage(extractor, plan, dim_names) for plan in plans]
+    for plan in plans:
+        stage = extract_stage(extractor, plan, dim_names)
+        if weights_dir is not None:
+            load_external_data_for_model(stage, str(weights_dir))
+        yield stage
 
 
 def kind_ranges(profile: dict[str, Any], inputs: list[Any]) -> dict[str, list[int]]:
@@ -332,13 +343,14 @@ def build_staged_engine_dir(config: Any) -> Any:
     from trtpipe.engine import EngineDir, Manifest, atomic_directory, sha256_file, write_manifest
     from trtpipe.export import TENSOR_TASK, ExportInfo, detect_build_task
     from trtpipe.generation.kv_cache import is_decoder
+    from trtpipe.onnx_files import save_model, uses_external_data
 
     if config.precision != "fp32":
         raise InputError(
             f"--pipeline-stages builds fp32 stages only for now (asked: {config.precision})"
         )
-    load_onnx(config.onnx_path)  # the clear errors for a missing or broken file
-    model = onnx.load(str(config.onnx_path))
+    # The graph only (clear errors for a missing or broken file); weights are read per stage.
+    model = load_onnx(config.onnx_path)
     model_dir = config.onnx_path.parent
     info = ExportInfo.read(model_dir)
     task = config.task or (info.task if info else detect_build_task(model_dir))
@@ -354,31 +366,29 @@ def build_staged_engine_dir(config: Any) -> Any:
     )
     ranges = kind_ranges(profile, inputs)
     plans = plan_stages(model, config.pipeline_stages, config.stage_layers)
-    stage_models = cut_model(model, plans)
-    del model
-    for plan in plans:
-        log.info(
-            "stage %d: blocks %d-%d, %.1f MB of weights",
-            plan.index,
-            plan.first_layer,
-            plan.last_layer,
-            plan.weight_bytes / 1e6,
-        )
+    external = uses_external_data(config.onnx_path)
+    stages = stage_models(model, plans, model_dir if external else None)
     with atomic_directory(config.output, replaces="manifest.json") as tmp:
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
         sources = tmp / ".stage-sources"
         stage_manifests = []
-        for plan, stage_model in zip(plans, stage_models, strict=True):
+        for plan, stage_model in zip(plans, stages, strict=True):
+            log.info(
+                "stage %d: blocks %d-%d, %.1f MB of weights",
+                plan.index,
+                plan.first_layer,
+                plan.last_layer,
+                plan.weight_bytes / 1e6,
+            )
             src = sources / str(plan.index)
             src.mkdir(parents=True)
             for name in ("config.json", "trtpipe_export.json"):
                 if (model_dir / name).is_file():
                     shutil.copyfile(model_dir / name, src / name)
-            from trtpipe.onnx_files import save_model
-
-            save_model(stage_model, src / "model.onnx")
+            save_model(stage_model, src / "model.onnx", external=external or None)
+            del stage_model
             stage_inputs, _ = onnx_io_specs(
                 onnx.load(str(src / "model.onnx"), load_external_data=False)
             )
