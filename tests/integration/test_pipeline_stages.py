@@ -167,7 +167,7 @@ def test_wrong_device_count_is_one_clear_error(two_stages: EngineDir):
         (["--pipeline-stages", "7"], "the model has 6 blocks"),
         (["--stage-layers", "0-2,4-5"], "should start at 3"),
         (["--pipeline-stages", "3", "--stage-layers", "0-2,3-5"], "gives 2 stages"),
-        (["--pipeline-stages", "2", "--fp16"], "fp32 stages only"),
+        (["--pipeline-stages", "2", "--int8"], "fp32 or fp16 stages"),
     ],
 )
 def test_bad_stage_options(minilm_onnx: Path, tmp_path: Path, args: list[str], message: str):
@@ -237,3 +237,20 @@ def test_external_weights_read_per_stage(
         want, got = whole.infer(feeds), staged.infer(feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0)
+
+
+def test_fp16_stages_pass_the_fp16_gate(minilm_onnx: Path, tmp_path: Path):
+    """fp16 per stage: each stage's AutoCast reference inputs are the boundary activations of
+    the fp32 stages before it on real text, and the chain passes the fp16 gate."""
+    out = tmp_path / "pp2-fp16"
+    code, text = invoke(
+        "build", str(minilm_onnx), "--backend", "onnxruntime", "--fp16",
+        "--stage-layers", "0-2,3-5", *SHAPES, "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, text
+    engine = EngineDir(out)
+    assert engine.manifest.precision == "fp16"
+    assert [d.manifest.precision for d in engine.stage_dirs()] == ["fp16", "fp16"]
+    report = compare_engine(engine, Tolerances.for_precision("fp16"), device=CPU[:2])
+    assert report.passed, report.table()
+    assert report.outputs["sentence_embedding"].cosine_min >= 0.999

@@ -72,6 +72,9 @@ class BuildConfig:
     # by weight bytes or by the block ranges in ``stage_layers`` ("0-2,3-5").
     pipeline_stages: int = 0
     stage_layers: str | None = None
+    # Calibration/reference feeds given ready-made (a pipeline stage's boundary activations),
+    # used instead of tokenizing calib_texts.
+    calibration_feeds: dict[str, np.ndarray] | None = None
 
 
 def tensorrt_available() -> bool:
@@ -222,8 +225,12 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
     profile = build_profile(
         inputs, config.min_shapes, config.opt_shapes, config.max_shapes, max_positions(model_dir)
     )
-    calibration = None
-    if config.precision != "fp32" and any(s.name == "input_ids" for s in inputs):
+    calibration = config.calibration_feeds if config.precision != "fp32" else None
+    if (
+        calibration is None
+        and config.precision != "fp32"
+        and any(s.name == "input_ids" for s in inputs)
+    ):
         from trtpipe.precision import default_calibration_texts
 
         texts = (

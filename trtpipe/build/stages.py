@@ -345,9 +345,10 @@ def build_staged_engine_dir(config: Any) -> Any:
     from trtpipe.generation.kv_cache import is_decoder
     from trtpipe.onnx_files import save_model, uses_external_data
 
-    if config.precision != "fp32":
+    if config.precision == "int8":
         raise InputError(
-            f"--pipeline-stages builds fp32 stages only for now (asked: {config.precision})"
+            "--pipeline-stages builds fp32 or fp16 stages for now (int8 calibration per stage "
+            "is not supported yet)"
         )
     # The graph only (clear errors for a missing or broken file); weights are read per stage.
     model = load_onnx(config.onnx_path)
@@ -367,6 +368,17 @@ def build_staged_engine_dir(config: Any) -> Any:
     ranges = kind_ranges(profile, inputs)
     plans = plan_stages(model, config.pipeline_stages, config.stage_layers)
     external = uses_external_data(config.onnx_path)
+    # fp16: every stage gets real reference inputs, its boundary activations computed by the
+    # fp32 stages before it on the calibration text (AutoCast's random inputs would be wrong).
+    env = None
+    if config.precision != "fp32":
+        from trtpipe.build import calibration_feeds
+        from trtpipe.precision import default_calibration_texts
+
+        texts = (
+            config.calib_texts if config.calib_texts is not None else default_calibration_texts()
+        )
+        env = calibration_feeds(model_dir, texts, inputs, profile)
     stages = stage_models(model, plans, model_dir if external else None)
     with atomic_directory(config.output, replaces="manifest.json") as tmp:
         for name in SIDE_FILES:
@@ -404,7 +416,10 @@ def build_staged_engine_dir(config: Any) -> Any:
                 max_shapes=high,
                 pipeline_stages=0,
                 stage_layers=None,
+                calibration_feeds={n: env[n] for n in plan.inputs} if env is not None else None,
             )
+            if env is not None and plan is not plans[-1]:
+                env.update(run_stage_source(src / "model.onnx", env, plan))
             stage_manifests.append(build_engine_dir(stage_config).manifest)
             shutil.rmtree(src)
         shutil.rmtree(sources)
@@ -428,3 +443,12 @@ def build_staged_engine_dir(config: Any) -> Any:
         write_manifest(tmp, manifest)
     log.info("wrote %d-stage engine dir %s", len(plans), config.output)
     return EngineDir(config.output)
+
+
+def run_stage_source(path: Path, env: dict[str, Any], plan: StagePlan) -> dict[str, Any]:
+    """Run a stage's fp32 source graph on CPU: the next stage's reference inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    values = session.run(plan.outputs, {name: env[name] for name in plan.inputs})
+    return dict(zip(plan.outputs, values, strict=True))
