@@ -175,7 +175,8 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         for level in proto["levels"]:
             assert level["requests"] == 24, (proto["protocol"], level)
             assert level["wrong_replies"] == 0 and level["errors"] == 0
-            assert 0 < level["client_cpu_share"] <= 1
+            # The server runs in this process here, so the share counts its CPU too.
+            assert level["client_cpu_share"] > 0
             assert level["of_offline_sorted"] > 0
         c1 = proto["levels"][0]
         assert len(c1["overhead_p50_ms_runs"]) == 3

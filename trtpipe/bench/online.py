@@ -118,6 +118,8 @@ async def _connect(client: Any, config: OnlineConfig) -> dict[str, Any]:
     if not await client.is_model_ready(config.model):
         raise InputError(await _why_not_ready(client, config))
     metadata: dict[str, Any] = await client.get_model_metadata(config.model)
+    if _is_generation_model(metadata):  # ready and described, but v2 infer cannot run it
+        raise InputError(_generation_model(config))
     return metadata
 
 
