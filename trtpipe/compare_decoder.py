@@ -246,8 +246,8 @@ def compare_decoder_engine(
 ) -> DecoderCompareReport:
     """The whole ``compare`` for a decoder engine: teacher-forced and greedy, then the gate."""
     from trtpipe.generation.generator import special_ids
-    from trtpipe.generation.kv_cache import decoder_session
     from trtpipe.generation.prompts import chunks
+    from trtpipe.generation.sessions import decoder_session
     from trtpipe.text import load_tokenizer, read_texts, sample_texts
 
     manifest = engine.manifest

@@ -82,7 +82,7 @@ def build_decoder(onnx_path: Path, out: Path, backend: str) -> EngineDir:
 
 def test_decoder_kv_ping_pong_matches_onnxruntime(tiny_llama_onnx: Path, tmp_path: Path):
     """Teacher-forced: both sessions get the same tokens; every step's logits must agree."""
-    from trtpipe.generation.kv_cache import decoder_session
+    from trtpipe.generation.sessions import decoder_session
 
     trt_engine = build_decoder(tiny_llama_onnx, tmp_path / "trt", "tensorrt")
     ort_engine = build_decoder(tiny_llama_onnx, tmp_path / "ort", "onnxruntime")

@@ -275,7 +275,7 @@ def teacher_forced(
     from transformers import AutoModelForCausalLM
 
     from trtpipe.engine import EngineDir
-    from trtpipe.generation.kv_cache import decoder_session
+    from trtpipe.generation.sessions import decoder_session
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():

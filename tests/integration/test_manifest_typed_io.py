@@ -44,8 +44,8 @@ def fp16_engine(onnx_path: Path, output: Path) -> EngineDir:
 
 
 def prefill_logits_and_cache(engine: EngineDir) -> tuple[np.ndarray, list[np.ndarray]]:
-    from trtpipe.generation.kv_cache import decoder_session
     from trtpipe.generation.prompts import left_pad, position_ids, tokenize
+    from trtpipe.generation.sessions import decoder_session
     from trtpipe.text import load_tokenizer
 
     ids, mask = left_pad(tokenize(load_tokenizer(str(engine.path)), PROMPTS), 0)

@@ -77,7 +77,7 @@ def scheduler(llama: dict) -> Iterator[Scheduler]:
 
 
 def make_scheduler(llama: dict, backend_session=None, **config: object) -> Iterator[Scheduler]:
-    from trtpipe.generation.kv_cache import decoder_session
+    from trtpipe.generation.sessions import decoder_session
 
     session = backend_session or decoder_session(llama["engine"])
     session.load()
@@ -246,7 +246,7 @@ class SlowSession:
 
 
 def test_batch_limit_queue_limit_and_timeout(llama: dict) -> None:
-    from trtpipe.generation.kv_cache import decoder_session
+    from trtpipe.generation.sessions import decoder_session
 
     slow = SlowSession(decoder_session(llama["engine"]), 0.01)
     config = {"max_batch_size": 3, "max_queue_size": 4, "timeout_s": 0.2}

@@ -21,10 +21,11 @@ from typing import Any
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
-from trtpipe.generation.kv_cache import DecoderSession, decoder_session
+from trtpipe.generation.kv_cache import DecoderSession
 from trtpipe.generation.loop import SequenceResult, iterate_batch
 from trtpipe.generation.prompts import chunks, deal, tokenize
 from trtpipe.generation.sampling import SamplingParams
+from trtpipe.generation.sessions import decoder_session
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir, Manifest, TensorSpec
-from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
+from trtpipe.errors import InputError, RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -214,19 +214,3 @@ class OrtDecoderSession(DecoderSession):
     def close(self) -> None:
         self.past = {}
         self.runner.close()
-
-
-def decoder_session(
-    engine: EngineDir | str, device: Device | None = None, threads: int | None = None
-) -> DecoderSession:
-    """The decoder session for the engine's backend (not yet loaded)."""
-    engine_dir = engine if isinstance(engine, EngineDir) else EngineDir(engine)
-    device = device or Device("cpu", 0)
-    backend = engine_dir.manifest.backend
-    if backend == "onnxruntime":
-        return OrtDecoderSession(engine_dir, device, threads)
-    if backend == "tensorrt":
-        from trtpipe.generation.tensorrt import TensorRTDecoderSession
-
-        return TensorRTDecoderSession(engine_dir, device)
-    raise BackendUnavailableError(f"no decoder session for backend {backend!r}")
