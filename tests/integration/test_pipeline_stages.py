@@ -254,3 +254,25 @@ def test_fp16_stages_pass_the_fp16_gate(minilm_onnx: Path, tmp_path: Path):
     report = compare_engine(engine, Tolerances.for_precision("fp16"), device=CPU[:2])
     assert report.passed, report.table()
     assert report.outputs["sentence_embedding"].cosine_min >= 0.999
+
+
+def test_device_pool_runs_one_pipeline_replica_per_device_group(two_stages: EngineDir):
+    """cpu:0..3 with 2 stages = 2 replicas (cpu:0-1, cpu:2-3), each answering like one runner."""
+    from trtpipe.runtime.pool import DevicePool
+
+    feeds = padded_feeds(two_stages)
+    reference = runner_for(two_stages, [Device("cpu", 0), Device("cpu", 1)])
+    with reference:
+        expected = reference.infer(feeds)
+    pool = DevicePool.for_engine(
+        two_stages, [Device("cpu", i) for i in range(4)], policy="round_robin"
+    )
+    with pool:
+        assert [s["device"] for s in pool.devices_status()] == ["cpu:0", "cpu:2"]
+        for _ in range(2):  # dealt to each replica in turn
+            got = pool.run_sync(feeds)
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, atol=1e-6)
+        assert [s["executions"] for s in pool.devices_status()] == [1, 1]
+    with pytest.raises(InputError, match="do not divide into pipeline replicas of 2"):
+        DevicePool.for_engine(two_stages, [Device("cpu", i) for i in range(3)])

@@ -105,6 +105,10 @@ class DevicePool:
         from trtpipe.runners import runner_for
 
         engine_dir = engine if isinstance(engine, EngineDir) else EngineDir(engine)
+        if engine_dir.manifest.stages:
+            return cls._for_staged_engine(
+                engine_dir, devices, policy, retry_on_failure, reload_backoff
+            )
         cpu_workers = sum(1 for d in devices if not d.is_gpu)
         threads = threads_per_cpu_worker
         if threads is None and cpu_workers:
@@ -119,6 +123,32 @@ class DevicePool:
         return cls(
             factory,
             devices,
+            policy,
+            retry_on_failure,
+            manifest=engine_dir.manifest,
+            reload_backoff=reload_backoff,
+        )
+
+    @classmethod
+    def _for_staged_engine(
+        cls,
+        engine_dir: EngineDir,
+        devices: list[Device],
+        policy: str,
+        retry_on_failure: bool,
+        reload_backoff: Backoff | None,
+    ) -> DevicePool:
+        """Pipeline-stage engines: the device list cut into groups of the stage count, one
+        pipeline replica per group, dealt like devices (each listed by its first device)."""
+        from trtpipe.devices import pipeline_groups
+        from trtpipe.runners import runner_for
+
+        groups = {
+            group[0]: group for group in pipeline_groups(devices, len(engine_dir.manifest.stages))
+        }
+        return cls(
+            lambda device: runner_for(engine_dir, groups[device]),
+            list(groups),
             policy,
             retry_on_failure,
             manifest=engine_dir.manifest,
