@@ -41,8 +41,12 @@ def warn_if_other_int8_family(engine: EngineDir) -> str | None:
     return message
 
 
-def session_options(threads: int | None = None) -> Any:
-    """Session options shared by the builder and the runner (graph already optimized offline)."""
+def session_options(threads: int | None = None, spin: bool | None = None) -> Any:
+    """Session options shared by the builder and the runner (graph already optimized offline).
+
+    ``spin=False`` stops idle intra-op threads from busy-waiting between ops: in a server they
+    would take the cores the front end needs; ``None`` keeps ONNX Runtime's default (spin).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -50,6 +54,8 @@ def session_options(threads: int | None = None) -> Any:
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
 
 
@@ -78,12 +84,13 @@ class OnnxRuntimeRunner(ManifestRunner):
         super().__init__(engine.manifest, device)
         self.engine = engine
         self.threads = threads
+        self.spin: bool | None = None  # intra-op threads busy-wait (None: ONNX Runtime default)
         self.session: Any = None
 
     def load(self) -> None:
         import onnxruntime as ort
 
-        options = session_options(self.threads)
+        options = session_options(self.threads, self.spin)
         # The engine file was optimized at build time; do not redo it on every load.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:

@@ -27,6 +27,8 @@ class ServeConfig:
     null_runner: bool = False
     # Intra-op threads per CPU worker (None: the machine's cores split across CPU workers).
     threads_per_cpu_worker: int | None = None
+    # CPU workers' idle intra-op threads busy-wait (ONNX Runtime's default) or sleep.
+    cpu_spin: bool = True
 
     def generation(self) -> Any:
         """The continuous-batching scheduler options of a generation model (same limits)."""
@@ -50,6 +52,16 @@ def default_pool_factory(engine: EngineDir, config: ServeConfig) -> Any:
         retry_on_failure=config.retry_on_failure,
         threads_per_cpu_worker=config.threads_per_cpu_worker,
     )
+    if not config.cpu_spin:
+        make = pool.runner_factory
+
+        def quiet_threads(device: Device) -> Any:
+            runner = make(device)
+            if hasattr(runner, "spin"):
+                runner.spin = False
+            return runner
+
+        pool.runner_factory = quiet_threads
     if config.null_runner:
         from trtpipe.runners.null import NullRunner
 
