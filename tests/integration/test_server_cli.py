@@ -88,8 +88,10 @@ def test_serve_answers_then_drains_on_sigterm_and_exits_0(tiny_bert_engine: Path
     assert "serving ['bert'] on HTTP" in stderr and "server stopped" in stderr
     assert "Traceback" not in stderr
     answered = [s for s in statuses if s != -1]
-    # everything accepted before the stop is answered in full; nothing fails half-way
-    assert answered and set(answered) == {200}, statuses
+    # Nothing fails half-way: a request is refused (listener closed), answered, or, when it
+    # arrived on an open connection after the drain began, told 503 to go elsewhere
+    # (test_server_drain.py holds that every request sent before the signal gets its 200).
+    assert 200 in answered and set(answered) <= {200, 503}, statuses
 
 
 def test_serve_rejects_bad_options_in_one_line(tmp_path: Path, tiny_bert_engine: Path) -> None:
