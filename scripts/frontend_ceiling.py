@@ -60,34 +60,8 @@ HEX_EXTRA = """local header_length, hex = body:match("^(%d+) (.*)$")
   body = (hex:gsub("..", function(cc) return string.char(tonumber(cc, 16)) end))"""
 
 
-def v2_binary_body(ids: list[int], inputs: list[str]) -> tuple[bytes, int]:
-    import numpy as np
-
-    n = len(ids)
-    arrays = {
-        "input_ids": np.asarray([ids], dtype="<i8"),
-        "attention_mask": np.ones((1, n), dtype="<i8"),
-        "token_type_ids": np.zeros((1, n), dtype="<i8"),
-    }
-    chosen = {name: arrays[name] for name in inputs}
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "datatype": "INT64",
-                    "shape": [1, n],
-                    "parameters": {"binary_data_size": a.nbytes},
-                }
-                for name, a in chosen.items()
-            ],
-            "outputs": [{"name": "sentence_embedding", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return header + b"".join(a.tobytes() for a in chosen.values()), len(header)
-
-
 def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, str, str, str]]:
+    from trtpipe.bench.served_clients import binary_token_body, token_arrays
     from trtpipe.engine import EngineDir
     from trtpipe.text import load_tokenizer
 
@@ -114,7 +88,7 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
     v2_binary = work / "v2_binary.txt"
     lines = []
     for ids in tokenizer(SENTENCES)["input_ids"]:
-        body, length = v2_binary_body(ids, inputs)
+        body, length = binary_token_body(token_arrays(ids, inputs))
         lines.append(f"{length} {body.hex()}")
     v2_binary.write_text("\n".join(lines) + "\n")
     files["v2-binary"] = (
