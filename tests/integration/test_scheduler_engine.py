@@ -165,7 +165,16 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(llama: dict, scheduler
     assert tokens(crowd[0]) != lone.token_ids[:12]
 
 
-def test_rows_join_and_leave_mid_run_each_get_their_own_tokens(llama: dict, scheduler) -> None:
+def test_rows_join_and_leave_mid_run_each_get_their_own_tokens(llama: dict) -> None:
+    from trtpipe.generation.sessions import decoder_session
+
+    # Steps of at least 2 ms: on any CPU the first row is still running when the others join.
+    slow = SlowSession(decoder_session(llama["engine"]), 0.002)
+    for scheduler in make_scheduler(llama, backend_session=slow):
+        check_rows_join_and_leave(llama, scheduler)
+
+
+def check_rows_join_and_leave(llama: dict, scheduler: Scheduler) -> None:
     plans = [(PROMPTS[i], 5 + 4 * i) for i in range(len(PROMPTS))]
     first = request(llama, PROMPTS[4], SamplingParams(40, greedy=True, ignore_eos=True))
     scheduler.submit(first)
@@ -188,17 +197,20 @@ def test_rows_join_and_leave_mid_run_each_get_their_own_tokens(llama: dict, sche
 
 
 def test_cancelled_request_frees_its_slot(llama: dict) -> None:
-    for scheduler in make_scheduler(llama, max_batch_size=1):
+    from trtpipe.generation.sessions import decoder_session
+
+    gated = GatedSession(decoder_session(llama["engine"]))
+    for scheduler in make_scheduler(llama, backend_session=gated, max_batch_size=1):
         params = SamplingParams(50, greedy=True, ignore_eos=True)
         hog = request(llama, PROMPTS[0], params)
         waiter = request(llama, PROMPTS[2], SamplingParams(6, greedy=True, ignore_eos=True))
         scheduler.submit(hog)
         stream = hog.sink.events(timeout=60)  # type: ignore[attr-defined]
-        next(stream)
+        next(stream)  # the hog's first token; its next step now waits on the gate
         scheduler.submit(waiter)
-        time.sleep(0.05)
         assert scheduler.waiting == 1  # batch maximum 1: the waiter queues
         hog.cancel()
+        gated.gate.set()
         assert tokens(waiter) == alone(
             llama, PROMPTS[2], SamplingParams(6, greedy=True, ignore_eos=True)
         )
@@ -245,6 +257,25 @@ class SlowSession:
         return self.inner.step(*args)
 
 
+class GatedSession:
+    """A real decoder session whose steps after the first wait until ``gate`` is set.
+
+    It holds a running row in place on any machine speed, where a sleep would race a fast CPU.
+    """
+
+    def __init__(self, session):
+        self.inner, self.gate, self.steps = session, threading.Event(), 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def step(self, *args):
+        self.steps += 1
+        if self.steps > 1:
+            assert self.gate.wait(60), "the test never opened the gate"
+        return self.inner.step(*args)
+
+
 def test_batch_limit_queue_limit_and_timeout(llama: dict) -> None:
     from trtpipe.generation.sessions import decoder_session
 
@@ -271,7 +302,10 @@ def test_batch_limit_queue_limit_and_timeout(llama: dict) -> None:
 def test_drain_finishes_running_rows_and_refuses_the_rest(llama: dict) -> None:
     from trtpipe.runtime.batcher import BatcherStoppedError
 
-    for scheduler in make_scheduler(llama, max_batch_size=1):
+    from trtpipe.generation.sessions import decoder_session
+
+    gated = GatedSession(decoder_session(llama["engine"]))
+    for scheduler in make_scheduler(llama, backend_session=gated, max_batch_size=1):
         params = SamplingParams(20, greedy=True, ignore_eos=True)
         running, queued = request(llama, PROMPTS[0], params), request(llama, PROMPTS[1], params)
         scheduler.submit(running)
@@ -279,6 +313,10 @@ def test_drain_finishes_running_rows_and_refuses_the_rest(llama: dict) -> None:
         scheduler.submit(queued)
         stopper = threading.Thread(target=scheduler.stop)
         stopper.start()
+        deadline = time.monotonic() + 30
+        while scheduler.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)  # the stop refuses the queue while the running row is held
+        gated.gate.set()
         stopper.join(60)
         assert len(running.token_ids) == 20
         with pytest.raises(BatcherStoppedError):
