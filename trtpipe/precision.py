@@ -153,21 +153,29 @@ def to_fp16(
     """ModelOpt AutoCast with real reference inputs; I/O types kept so clients see no change."""
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
+    from trtpipe.onnx_files import uses_external_data
+
+    file_backed = bool(calibration) and uses_external_data(src)
     with scratch_dir(work) as scratch:
-        calib_path = None
-        if calibration:
+        reference: dict[str, Any] = {}
+        if file_backed:
+            # AutoCast's own reference run holds several copies of the weights (see
+            # trtpipe.fp16_ranges); the same check, reading them in place, replaces it.
+            from trtpipe.fp16_ranges import range_rule
+
+            assert calibration is not None
+            reference = {"data_max": np.inf, "custom_rule": range_rule(src, calibration)}
+        elif calibration:
             calib_path = str(scratch / "calib.npz")
             np.savez(calib_path, **calibration)  # type: ignore[arg-type]
+            reference = {"calibration_data": calib_path}
         try:
             model = convert_to_mixed_precision(
-                onnx_path=str(src),
-                low_precision_type="fp16",
-                keep_io_types=True,
-                calibration_data=calib_path,
+                onnx_path=str(src), low_precision_type="fp16", keep_io_types=True, **reference
             )
         except Exception as exc:  # ModelOpt raises assorted types
             raise BuildError(f"FP16 conversion failed: {exc}") from exc
-    from trtpipe.onnx_files import save_model, uses_external_data
+    from trtpipe.onnx_files import save_model
 
     # External weights beside dst when src had them or the model passes 2 GB.
     save_model(model, dst, external=uses_external_data(src) or None)
@@ -176,6 +184,7 @@ def to_fp16(
         "method": "modelopt.autocast",
         "keep_io_types": True,
         "calibration": "real text" if calibration else "random",
+        "reference_run": "trtpipe.fp16_ranges" if file_backed else "autocast",
     }
 
 

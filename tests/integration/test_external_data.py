@@ -246,3 +246,41 @@ def test_export_with_external_weights(
         for p in (onnx_path, tiny_bert_onnx)
     )
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_fp16_reference_run_in_place_decides_as_autocast_does(
+    llama_exports: dict[str, Path], tmp_path: Path
+):
+    """Over external data, fp16 replaces AutoCast's reference run (several copies of the
+    weights) with trtpipe.fp16_ranges (weights read in place): the graph must come out the
+    same, node for node and tensor type for tensor type, as AutoCast's own run makes it."""
+    import onnx
+
+    from trtpipe.build import calibration_feeds
+    from trtpipe.build.profile import build_profile, onnx_io_specs
+    from trtpipe.fp16_ranges import DATA_MAX, tensor_absmax
+    from trtpipe.precision import default_calibration_texts, to_fp16
+
+    inputs, _ = onnx_io_specs(onnx.load(str(llama_exports["inline"]), load_external_data=False))
+    profile = build_profile(inputs, {}, {}, {"input_ids": [4, 32]}, 64)
+    feeds = calibration_feeds(
+        llama_exports["inline"].parent, default_calibration_texts(), inputs, profile
+    )
+    absmax = tensor_absmax(llama_exports["external"], feeds)
+    assert any(v.size and v[0] > DATA_MAX for v in absmax.values())  # the rule has work to do
+    info = {}
+    for kind in ("inline", "external"):
+        info[kind] = to_fp16(llama_exports[kind], tmp_path / kind / "model.onnx", feeds)
+    assert info["inline"]["reference_run"] == "autocast"
+    assert info["external"]["reference_run"] == "trtpipe.fp16_ranges"
+    graphs = {k: onnx.load(str(tmp_path / k / "model.onnx")).graph for k in info}
+
+    def typed(graph) -> tuple[list, dict]:
+        nodes = [(n.op_type, n.name, list(n.input), list(n.output)) for n in graph.node]
+        types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+        types.update({t.name: t.data_type for t in graph.initializer})
+        return nodes, types
+
+    inline_nodes, inline_types = typed(graphs["inline"])
+    assert sum(n[0] == "Cast" for n in inline_nodes) > 0
+    assert typed(graphs["external"]) == (inline_nodes, inline_types)

@@ -300,9 +300,8 @@ def test_batch_limit_queue_limit_and_timeout(llama: dict) -> None:
 
 
 def test_drain_finishes_running_rows_and_refuses_the_rest(llama: dict) -> None:
-    from trtpipe.runtime.batcher import BatcherStoppedError
-
     from trtpipe.generation.sessions import decoder_session
+    from trtpipe.runtime.batcher import BatcherStoppedError
 
     gated = GatedSession(decoder_session(llama["engine"]))
     for scheduler in make_scheduler(llama, backend_session=gated, max_batch_size=1):
