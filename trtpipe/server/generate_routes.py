@@ -130,12 +130,15 @@ def sse_response(
 
 def generate_router(models: Mapping[str, Any]) -> APIRouter:
     """Routes for every decoder engine in ``models`` (name -> ServedGeneration; a loaded
-    ``Generator`` is wrapped in one)."""
+    ``Generator`` is wrapped in one). A mapping of ServedGeneration is used live, not copied:
+    the repository's models loaded or unloaded at run time are found (or not) at once."""
     router = APIRouter()
-    served: dict[str, Any] = {
-        name: ServedGeneration(m, name=name) if isinstance(m, Generator) else m
-        for name, m in models.items()
-    }
+    served: Mapping[str, Any] = models
+    if any(isinstance(m, Generator) for m in models.values()):
+        served = {
+            name: ServedGeneration(m, name=name) if isinstance(m, Generator) else m
+            for name, m in models.items()
+        }
     router.served = served  # type: ignore[attr-defined]  # the app drains and closes them
 
     def find(name: Any) -> ServedGeneration:

@@ -23,6 +23,7 @@ from trtpipe.generation.histogram import LatencyHistogram
 from trtpipe.generation.sampling import SamplingParams
 from trtpipe.generation.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from trtpipe.generation.sequence import Sequence, TokenEvent
+from trtpipe.server.errors import ModelNotReadyError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class ServedGeneration:
         for scheduler in self.schedulers:
             scheduler.start()
         self.closed = False
+        # Set by ``drain``: why new requests are refused (503 / UNAVAILABLE).
+        self.refusing: str | None = None
 
     @classmethod
     def load(
@@ -186,6 +189,8 @@ class ServedGeneration:
             )
             for i in range(n)
         ]
+        if self.refusing is not None:
+            raise ModelNotReadyError(self.refusing)
         scheduler = min(self.schedulers, key=lambda s: s.load())
         scheduler.submit(*seqs)
         return seqs
@@ -194,7 +199,10 @@ class ServedGeneration:
     @property
     def ready(self) -> bool:
         return (
-            not self.closed and bool(self.schedulers) and all(s.accepting for s in self.schedulers)
+            not self.closed
+            and self.refusing is None
+            and bool(self.schedulers)
+            and all(s.accepting for s in self.schedulers)
         )
 
     def devices_status(self) -> list[dict[str, Any]]:
@@ -292,8 +300,10 @@ class ServedGeneration:
             merged = merged.merge(getattr(scheduler, kind))
         return merged
 
-    def drain(self, timeout: float | None = None) -> None:
-        """Refuse new requests (503) and let running sequences finish."""
+    def drain(self, timeout: float | None = None, reason: str | None = None) -> None:
+        """Refuse new requests at once (503, with ``reason``); then each device refuses its
+        queue and lets its running sequences finish."""
+        self.refusing = reason or f"model {self.name!r} is shutting down; retry elsewhere"
         for scheduler in self.schedulers:
             scheduler.stop(drain=True, timeout=timeout)
 

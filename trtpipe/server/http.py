@@ -250,7 +250,8 @@ def create_http_app(
         )
 
     # -- OpenAI-compatible -----------------------------------------------------------------------
-    if repository.generators:
+    # Explicit model control may load a generation model later: the routes look it up live.
+    if repository.generators or repository.control_mode == "explicit":
         from trtpipe.server.generate_routes import generate_router
 
         app.include_router(generate_router(repository.generators))

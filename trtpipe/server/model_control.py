@@ -8,6 +8,12 @@ A load builds the model beside the running one and swaps it in only once it is w
 (so a reload never drops requests); an unload takes the model out of the name table first (new
 requests get Triton's unknown-model error), then drains it: every request already queued or
 running in its batcher completes before its devices are released.
+
+Text-generation engines (a KV cache in their inputs) load and unload the same way, as a
+``ServedGeneration``. Their unload drains as SIGTERM does: the model stays in the table while
+its running sequences stream to their end, new requests for it are refused with 503 /
+UNAVAILABLE (``ModelNotReadyError``: the model is being unloaded) and the queued ones with
+``BatcherStoppedError`` (503); then its schedulers' threads end and its sessions are closed.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class ModelControl:
         self.available: dict[str, Path] = {**available}
         for name, model in self.models.items():
             self.available.setdefault(name, Path(model.engine.path))
+        for name, generation in self.generators.items():
+            self.available.setdefault(name, Path(generation.generator.engine.path))
         self.control_mode = control_mode
         self._serve_config = config
         self._pool_factory = pool_factory
@@ -90,7 +98,9 @@ class ModelControl:
                 state = "READY" if model.ready else "UNAVAILABLE"
                 reason = "" if model.ready else "no healthy device"
             elif name in self.generators:
-                state, reason = "READY", ""
+                ready = self.generators[name].ready
+                state = "READY" if ready else "UNAVAILABLE"
+                reason = "" if ready else "no healthy device"
             else:
                 state, reason = "UNAVAILABLE", "unloaded"
             version = str(getattr(model, "version", "1"))
@@ -112,62 +122,112 @@ class ModelControl:
                 f"Request for unknown model: '{name}' is not found; the repository holds "
                 f"{sorted(self.available)}"
             )
-        if name in self.generators:
-            raise ModelControlError(
-                f"model {name!r} is a text-generation engine: it cannot be loaded or unloaded at "
-                "run time (serve it from startup)"
-            )
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def load(self, name: str) -> None:
-        """Load (or reload) ``name`` from its engine dir; returns once it is ready."""
+        """Load (or reload) ``name`` from its engine dir; returns once it is ready. A decoder
+        engine becomes a generation model, any other a tensor model."""
         from trtpipe.engine import EngineDir
         from trtpipe.generation.kv_cache import is_decoder
-        from trtpipe.server.served_model import ServedModel
 
         self._check_control("load", name)
         async with self._lock(name):
             self._transitions[name] = "LOADING"
-            model = None
             try:
-                engine = await asyncio.to_thread(EngineDir, self.available[name])
-                if is_decoder(engine.manifest.inputs):
-                    raise ModelControlError(
-                        f"model {name!r} is a text-generation engine: it cannot be loaded at run "
-                        "time (serve it from startup)"
-                    )
-                model = await asyncio.to_thread(
-                    ServedModel, name, engine, self._serve_config, self._pool_factory
-                )
-                await model.start()
-                if not model.ready:
-                    raise ModelLoadError(f"failed to load {name!r}: no device became healthy")
-            except BaseException as exc:
-                if model is not None:
-                    await model.stop(drain=False)
-                if isinstance(exc, TrtpipeError) or not isinstance(exc, Exception):
+                try:
+                    engine = await asyncio.to_thread(EngineDir, self.available[name])
+                except TrtpipeError:
                     raise
-                raise ModelLoadError(f"failed to load {name!r}: {exc}") from exc
+                except Exception as exc:
+                    raise ModelLoadError(f"failed to load {name!r}: {exc}") from exc
+                if is_decoder(engine.manifest.inputs):
+                    loaded, table = await self._load_generation(name, engine), self.generators
+                else:
+                    loaded, table = await self._load_tensor_model(name, engine), self.models
             finally:
                 self._transitions.pop(name, None)
-            previous = self.models.get(name)
-            self.models[name] = model
-            if previous is not None:  # a reload: the old one drains after the swap
-                await previous.stop(drain=True)
+            # Swap in one step of the event loop: no request sees the name missing.
+            previous = [t.pop(name) for t in (self.models, self.generators) if name in t]
+            table[name] = loaded
+            for old in previous:  # a reload: the old one drains after the swap
+                await _retire(old, f"model {name!r} was reloaded; send the request again")
         log.info("model %s loaded from %s", name, self.available[name])
 
+    async def _load_tensor_model(self, name: str, engine: Any) -> Any:
+        from trtpipe.server.served_model import ServedModel
+
+        model = None
+        try:
+            model = await asyncio.to_thread(
+                ServedModel, name, engine, self._serve_config, self._pool_factory
+            )
+            await model.start()
+            if not model.ready:
+                raise ModelLoadError(f"failed to load {name!r}: no device became healthy")
+        except BaseException as exc:
+            if model is not None:
+                await model.stop(drain=False)
+            if isinstance(exc, TrtpipeError) or not isinstance(exc, Exception):
+                raise
+            raise ModelLoadError(f"failed to load {name!r}: {exc}") from exc
+        return model
+
+    async def _load_generation(self, name: str, engine: Any) -> Any:
+        """A continuous-batching generation model on the configured devices."""
+        from trtpipe.server.generation_model import ServedGeneration
+
+        config = self._serve_config
+        try:
+            served = await asyncio.to_thread(
+                ServedGeneration.load,
+                name,
+                engine,
+                config.devices,
+                config.generation(),
+                config.threads_per_cpu_worker,
+            )
+        except TrtpipeError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"failed to load {name!r}: {exc}") from exc
+        if not served.ready:
+            await asyncio.to_thread(served.close)
+            raise ModelLoadError(f"failed to load {name!r}: no scheduler started")
+        return served
+
     async def unload(self, name: str) -> None:
-        """Take ``name`` out of service, then finish what it already accepted and free it."""
+        """Take ``name`` out of service, then finish what it already accepted and free it.
+
+        A tensor model leaves the name table at once (Triton's unknown-model error); a
+        generation model stays in it, not ready, while its running sequences finish (new
+        requests: 503), as a SIGTERM drains it."""
         self._check_control("unload", name)
         async with self._lock(name):
-            model = self.models.pop(name, None)
+            model = self.models.pop(name, None) or self.generators.get(name)
             if model is None:
                 return  # unloading an unloaded model is not an error (Triton)
             self._transitions[name] = "UNLOADING"
             try:
-                await model.stop(drain=True)
+                await _retire(model, f"model {name!r} is being unloaded; it takes no new requests")
             finally:
+                if self.generators.get(name) is model:
+                    del self.generators[name]
                 self._transitions.pop(name, None)
         log.info("model %s unloaded", name)
+
+
+async def _retire(model: Any, reason: str) -> None:
+    """Drain ``model`` and free it: a tensor model's batcher completes what it queued; a
+    generation model refuses new requests with ``reason`` (503), finishes its running
+    sequences, refuses its queue, then closes its schedulers and sessions."""
+    from trtpipe.server.served_model import ServedModel
+
+    if isinstance(model, ServedModel):
+        await model.stop(drain=True)
+        return
+    try:
+        await asyncio.to_thread(model.drain, None, reason)
+    finally:
+        await asyncio.to_thread(model.close)

@@ -134,7 +134,10 @@ class ModelRepository(ModelControl):
     def ready(self) -> bool:
         # Explicit model control: the server is ready with no model loaded, as Triton's is.
         served = bool(self.models) or bool(self.generators) or self.control_mode == "explicit"
-        generation = all(g.ready for g in list(self.generators.values()))
+        # A generation model being unloaded is not ready, the server still is.
+        generation = all(
+            g.ready for n, g in list(self.generators.items()) if n not in self._transitions
+        )
         return served and generation and all(m.ready for m in list(self.models.values()))
 
     async def start(self) -> None:
