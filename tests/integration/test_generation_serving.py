@@ -236,7 +236,7 @@ def test_generation_model_over_grpc_and_in_prometheus(served: dict) -> None:
         assert grpc_client.is_model_ready(PLAIN)
         metadata = grpc_client.get_model_metadata(PLAIN, as_json=True)
     assert metadata["name"] == PLAIN
-    assert [t["name"] for t in metadata["inputs"]] == ["text_input", "max_tokens"]
+    assert [t["name"] for t in metadata["inputs"]][:2] == ["text_input", "max_tokens"]
     client(served).completions.create(model=PLAIN, prompt="Once", max_tokens=3, temperature=0)
     text = httpx.get(served["url"] + "/metrics", timeout=10).text
     series = {

@@ -86,14 +86,12 @@ class _TaggedSink:
         self.shared.put_tagged(self.index, item)
 
 
-TEXT_TENSORS = {
-    # Triton's TensorRT-LLM backend names (ensemble model): text in, text out.
-    "inputs": [
-        {"name": "text_input", "datatype": "BYTES", "shape": [1]},
-        {"name": "max_tokens", "datatype": "INT32", "shape": [1]},
-    ],
-    "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
-}
+def text_tensors() -> dict[str, list[dict[str, Any]]]:
+    """The v2 infer tensors, Triton's TensorRT-LLM backend names (text in, text out), without
+    the batch dim (trtpipe.server.generation_v2 decodes them)."""
+    from trtpipe.server.generation_v2 import tensor_documents
+
+    return tensor_documents()
 
 
 class ServedGeneration:
@@ -222,7 +220,13 @@ class ServedGeneration:
             "name": self.name,
             "versions": [self.version],
             "platform": f"trtpipe_generation_{manifest.backend}",
-            **TEXT_TENSORS,
+            **{
+                kind: [
+                    {"name": t["name"], "datatype": t["datatype"], "shape": [-1, *t["shape"]]}
+                    for t in tensors
+                ]
+                for kind, tensors in text_tensors().items()
+            },
             "parameters": {
                 "task": manifest.task,
                 "max_total_tokens": self.spec.max_total,
@@ -230,6 +234,7 @@ class ServedGeneration:
                 "endpoints": [
                     f"/v2/models/{self.name}/generate",
                     f"/v2/models/{self.name}/generate_stream",
+                    f"/v2/models/{self.name}/infer",
                     "/v1/completions",
                     "/v1/chat/completions",
                 ],
@@ -245,16 +250,20 @@ class ServedGeneration:
             "backend": manifest.backend,
             "max_batch_size": max((s.max_batch for s in self.schedulers), default=0),
             "input": [
-                {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
-                for t in TEXT_TENSORS["inputs"]
+                {
+                    "name": t["name"],
+                    "data_type": f"TYPE_{t['datatype']}",
+                    "dims": t["shape"],
+                    "optional": t["optional"],
+                }
+                for t in text_tensors()["inputs"]
             ],
             "output": [
                 {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
-                for t in TEXT_TENSORS["outputs"]
+                for t in text_tensors()["outputs"]
             ],
             # Tokens stream back as they are made (Triton's decoupled mode).
             "model_transaction_policy": {"decoupled": True},
-            "sequence_batching": {"continuous": True},
             "dynamic_batching": {
                 "default_queue_policy": {
                     "timeout_action": "REJECT",
@@ -268,6 +277,8 @@ class ServedGeneration:
             "parameters": {
                 "precision": {"string_value": manifest.precision},
                 "task": {"string_value": manifest.task},
+                # Iteration-level batching (a parameter: Triton's scheduling fields are a oneof).
+                "continuous_batching": {"string_value": "true"},
             },
         }
 

@@ -216,7 +216,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
-            doc = self.repository.get(request.name, request.version).model_config()
+            doc = self.repository.describe(request.name, request.version).model_config()
             config = json_format.ParseDict(
                 doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True
             )
@@ -309,24 +309,41 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
-            model = self.repository.get(request.model_name, request.model_version)
-            started = time.perf_counter_ns()
-            ok = False
-            try:
-                shm = self.repository.shared_memory
-                decoded = decode_request(request, shm)
-                produced = await model.infer(decoded)
-                selected = select_outputs(produced, decoded.outputs, True)
-                placed = None
-                if shm is not None and any(o.shared_memory for o in decoded.outputs or ()):
-                    placed = shm.write_outputs(decoded.outputs, selected)
-                response = encode_response(model.name, model.version, decoded.id, selected, placed)
-                ok = True
-                return response
-            finally:
-                model.record(ok, started)
+            if request.model_name in self.repository.generators:  # text_input -> text_output
+                from trtpipe.server.generation_v2 import grpc_infer
+
+                model = self.repository.describe(request.model_name, request.model_version)
+                return await grpc_infer(model, request, self.repository.shared_memory)
+            return await self.infer_tensor(request)
 
         return await self._guard(context, work)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """Requests answered as they run; generation streams a response per token
+        (trtpipe.server.grpc_stream)."""
+        from trtpipe.server.grpc_stream import serve_stream
+
+        async for response in serve_stream(self, request_iterator):
+            yield response
+
+    async def infer_tensor(self, request: Any) -> Any:
+        """One ModelInfer of a tensor model, counted in its statistics."""
+        model = self.repository.get(request.model_name, request.model_version)
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            shm = self.repository.shared_memory
+            decoded = decode_request(request, shm)
+            produced = await model.infer(decoded)
+            selected = select_outputs(produced, decoded.outputs, True)
+            placed = None
+            if shm is not None and any(o.shared_memory for o in decoded.outputs or ()):
+                placed = shm.write_outputs(decoded.outputs, selected)
+            response = encode_response(model.name, model.version, decoded.id, selected, placed)
+            ok = True
+            return response
+        finally:
+            model.record(ok, started)
 
 
 def repository_index(repository: ModelRepository) -> list[dict[str, str]]:
@@ -352,7 +369,6 @@ UNSUPPORTED = {
     "CudaSharedMemoryRegister": "CUDA shared memory",
     "CudaSharedMemoryStatus": "CUDA shared memory",
     "CudaSharedMemoryUnregister": "CUDA shared memory",
-    "ModelStreamInfer": "streaming inference (use ModelInfer)",
     "TraceSetting": "tracing",
     "LogSettings": "log settings",
 }

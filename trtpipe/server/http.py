@@ -234,13 +234,24 @@ def create_http_app(
     )
     async def infer(name: str, request: Request, version: str = "") -> Response:
         # Served by trtpipe.server.fast_path for tensor models; generation models land here.
-        payload, header_length = await infer_reply(
-            repository,
-            name,
-            version,
-            lambda: read_body(request, max_body_bytes),
-            request.headers.get(HEADER_LENGTH),
-        )
+        if name in repository.generators:  # text_input -> text_output (generation_v2)
+            from trtpipe.server.generation_v2 import http_infer
+
+            payload, header_length = await http_infer(
+                repository.describe(name, version),
+                await read_body(request, max_body_bytes),
+                request.headers.get(HEADER_LENGTH),
+                repository.shared_memory,
+                request,
+            )
+        else:
+            payload, header_length = await infer_reply(
+                repository,
+                name,
+                version,
+                lambda: read_body(request, max_body_bytes),
+                request.headers.get(HEADER_LENGTH),
+            )
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(
