@@ -165,6 +165,17 @@ def stream(server: ServerThread, prompt: str) -> tuple[str, list[str | None], in
     return text, finishes, chunks[-1].usage.completion_tokens
 
 
+def v2_generate(client: Any, prompt: str) -> str:
+    """Triton's way: v2 infer with ``text_input`` / ``max_tokens`` (HTTP or gRPC client)."""
+    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+    text = module.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+    limit = module.InferInput("max_tokens", [1, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[MAX_TOKENS]], dtype=np.int32))
+    out = client.infer(MODEL, [text, limit]).as_numpy("text_output")
+    return str(out.reshape(-1)[0].decode())
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
     """Poll a state the server reaches on its own (never a sleep standing in for an event)."""
     deadline = time.monotonic() + timeout_s
@@ -276,6 +287,10 @@ def test_unload_drains_running_streams_and_refuses_the_rest(server: ServerThread
                 timeout=30,
             )
             assert streamed.status_code == 503 and "being unloaded" in streamed.text
+            for client, status in ((grpc, "StatusCode.UNAVAILABLE"), (http, "503")):
+                with pytest.raises(InferenceServerException, match="being unloaded") as refused:
+                    v2_generate(client, PROMPTS[0])
+                assert refused.value.status() == status
             assert scheduler.running == 2 and not futures["unload"].done()
 
             GATE.open.set()
