@@ -24,7 +24,9 @@ would fail:
   context: every later call that needs that device's context returns the same error;
 * a driver older than the runtime (``State.driver_version < runtime_version``, cuda-python 13
   on a CUDA 12 driver) makes every call fail with ``cudaErrorInsufficientDriver``; with no driver
-  at all the driver version reads 0.
+  at all the driver version reads 0;
+* IPC memory handles follow CUDA's rules (``tests/fakes/cuda_ipc.py``: one process may not open
+  its own handle, a freed allocation's handle names nothing, open/close are counted).
 
 Device allocations are bookkeeping until first touched (their bytes are materialized lazily), so
 a test can load an engine sized like an 8B-parameter model without the RAM.
@@ -58,6 +60,8 @@ class cudaError_t(enum.IntEnum):
     cudaErrorDevicesUnavailable = 46
     cudaErrorNoDevice = 100
     cudaErrorInvalidDevice = 101
+    cudaErrorDeviceUninitialized = 201
+    cudaErrorPeerAccessUnsupported = 217
     cudaErrorInvalidResourceHandle = 400
     cudaErrorIllegalAddress = 700
     cudaErrorLaunchFailure = 719
@@ -94,6 +98,8 @@ MESSAGES = {
     46: "CUDA-capable device(s) is/are busy or unavailable",
     100: "no CUDA-capable device is detected",
     101: "invalid device ordinal",
+    201: "invalid device context",
+    217: "peer access is not supported between these two devices",
     400: "invalid resource handle",
     700: "an illegal memory access was encountered",
     719: "unspecified launch failure",
@@ -130,10 +136,14 @@ class cudaDeviceProp:
 
 
 class Allocation:
-    """Device memory: ``nbytes`` on ``device``, its bytes made only when first touched."""
+    """Device memory: ``nbytes`` on ``device``, its bytes made only when first touched.
 
-    def __init__(self, nbytes: int, device: int) -> None:
-        self.nbytes, self.device = nbytes, device
+    ``process``: the (simulated) process that allocated it, for IPC handles.
+    """
+
+    def __init__(self, nbytes: int, device: int, process: str = "server") -> None:
+        self.nbytes, self.device, self.process = nbytes, device, process
+        self.freed = False
         self.fresh = 0  # bytes written by host->device copies since the last launch read them
         self._data: np.ndarray | None = None
 
@@ -185,6 +195,9 @@ class State:
         self.synchronizations = 0
         self.last_error_detail = ""
         self.local = threading.local()
+        from tests.fakes.cuda_ipc import IpcTable
+
+        self.ipc = IpcTable()  # exported handles and open mappings
 
     # -- helpers used by the fake TensorRT -------------------------------------------------
     def current_device(self) -> int:
@@ -195,7 +208,7 @@ class State:
         for base, alloc in self.device_allocs.items():
             if base <= ptr and ptr + nbytes <= base + alloc.nbytes:
                 return alloc, ptr - base
-        return None
+        return self.ipc.find(ptr, nbytes)
 
     def blocked(self) -> cudaError_t | None:
         """Why no call needing the current device's context can run: driver or sticky fault."""
@@ -247,8 +260,9 @@ class State:
             self.faults.setdefault(device, code)
 
     def leaks(self) -> dict[str, int]:
+        """Live allocations; open IPC mappings count as device memory held."""
         return {
-            "device": len(self.device_allocs),
+            "device": len(self.device_allocs) + len(self.ipc.mappings),
             "host": len(self.host_allocs),
             "streams": len(self.streams),
         }
@@ -360,7 +374,7 @@ def cudaMalloc(size: int) -> tuple[Any, ...]:
             )
         ptr = STATE.next_device_ptr
         STATE.next_device_ptr += (size + 511) // 256 * 256  # 256-aligned, with a gap
-        STATE.device_allocs[ptr] = Allocation(size, device)
+        STATE.device_allocs[ptr] = Allocation(size, device, cuda_ipc.current_process())
         _count(STATE.device_bytes, STATE.peak_device_bytes, device, size)
         STATE.mallocs += 1
     return _ok(ptr)
@@ -373,6 +387,8 @@ def cudaFree(ptr: Any) -> tuple[Any, ...]:
         alloc = STATE.device_allocs.pop(int(ptr), None)
         if alloc is None:
             return _fail(cudaError_t.cudaErrorInvalidDevicePointer, f"cudaFree({int(ptr):#x})")
+        alloc.freed = True
+        STATE.ipc.freed(int(ptr))
         STATE.device_bytes[alloc.device] -= alloc.nbytes
         STATE.frees += 1
     return _ok()
@@ -505,3 +521,15 @@ def cudaStreamSynchronize(stream: Any) -> tuple[Any, ...]:
             STATE.fault(fake.device, fault.code)
             return _fail(fault.code, str(fault))
     return _ok()
+
+
+# IPC memory handles live in their own module; imported last (it reads STATE at call time).
+from tests.fakes import cuda_ipc  # noqa: E402
+from tests.fakes.cuda_ipc import (  # noqa: E402, F401
+    CUDA_IPC_HANDLE_SIZE,
+    cudaIpcCloseMemHandle,
+    cudaIpcGetMemHandle,
+    cudaIpcMemHandle_t,
+    cudaIpcMemLazyEnablePeerAccess,
+    cudaIpcOpenMemHandle,
+)

@@ -1,4 +1,4 @@
-"""Install the TEST DOUBLES as ``tensorrt`` and ``cuda.bindings.runtime`` for one test.
+"""Install the TEST DOUBLES as ``tensorrt`` and ``cuda.bindings.runtime``/``driver`` for a test.
 
 ``fake_gpu`` puts the fakes into ``sys.modules`` (with ``cuda`` and ``cuda.bindings`` package
 stand-ins), resets their state, yields a handle for assertions, and restores whatever modules
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import cuda_runtime
+from tests.fakes import cuda_driver, cuda_runtime
 from tests.fakes import tensorrt as fake_tensorrt
 
 
@@ -81,12 +81,14 @@ def installed_fakes(
     bindings = types.ModuleType("cuda.bindings")
     bindings.__path__ = []
     bindings.runtime = cuda_runtime  # type: ignore[attr-defined]
+    bindings.driver = cuda_driver  # type: ignore[attr-defined]
     cuda_pkg.bindings = bindings  # type: ignore[attr-defined]
     sys.modules.update(
         {
             "cuda": cuda_pkg,
             "cuda.bindings": bindings,
             "cuda.bindings.runtime": cuda_runtime,
+            "cuda.bindings.driver": cuda_driver,
             "tensorrt": fake_tensorrt,
         }
     )
@@ -96,7 +98,8 @@ def installed_fakes(
         for name in [n for n in sys.modules if _owned(n)]:
             del sys.modules[name]
         sys.modules.update(saved)
-    captured = _captured_fakes(before, [fake_tensorrt, cuda_runtime, cuda_pkg, bindings])
+    fakes = [fake_tensorrt, cuda_runtime, cuda_driver, cuda_pkg, bindings]
+    captured = _captured_fakes(before, fakes)
     if captured:
         raise RuntimeError(
             f"{captured} imported the fake tensorrt/cuda and would keep it; "

@@ -32,8 +32,9 @@ import click
 @click.option(
     "--allow-shared-memory",
     is_flag=True,
-    help="Enable the system shared memory extension (clients register POSIX shm regions and "
-    "pass tensors through them; regions are confined to their registered size).",
+    help="Enable the system and CUDA shared memory extensions (clients register POSIX shm "
+    "regions or CUDA IPC handles and pass tensors through them; regions are confined to their "
+    "registered size).",
 )
 @click.option(
     "--ray",

@@ -201,6 +201,8 @@ class InferenceServer:
             if isinstance(result, BaseException) and not isinstance(result, SystemExit):
                 log.warning("front end stopped with %r", result)
         await self.repository.stop(drain=True)
+        if self.repository.shared_memory is not None:  # unmap (CUDA: cudaIpcCloseMemHandle)
+            await asyncio.to_thread(self.repository.shared_memory.close)
         self._uvicorn = self._http_task = self._grpc = self._drain = None
         log.info("server stopped")
 

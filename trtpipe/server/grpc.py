@@ -252,9 +252,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _shared_memory(self, method: str, context: Any, work: Callable[[Any], Any]) -> Any:
         shm = self.repository.shared_memory
         if shm is None:
-            from trtpipe.server.shared_memory import OFF_MESSAGE
+            from trtpipe.server import cuda_shared_memory, shared_memory
 
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {OFF_MESSAGE}")
+            off = (cuda_shared_memory if method.startswith("Cuda") else shared_memory).OFF_MESSAGE
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: {off}")
 
         async def run() -> Any:
             return work(shm)
@@ -285,6 +286,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return service_pb2.SystemSharedMemoryUnregisterResponse()
 
         return await self._shared_memory("SystemSharedMemoryUnregister", context, work)
+
+    # -- CUDA shared memory: the same registry and switch (trtpipe.server.cuda_shared_memory)
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        from trtpipe.server.cuda_shared_memory import grpc_register
+
+        def work(shm: Any) -> Any:
+            grpc_register(shm, request)
+            return service_pb2.CudaSharedMemoryRegisterResponse()
+
+        return await self._shared_memory("CudaSharedMemoryRegister", context, work)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        from trtpipe.server.cuda_shared_memory import grpc_status
+
+        return await self._shared_memory(
+            "CudaSharedMemoryStatus", context, lambda shm: grpc_status(shm, request, service_pb2)
+        )
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        def work(shm: Any) -> Any:
+            shm.unregister(request.name, kind="cuda")
+            return service_pb2.CudaSharedMemoryUnregisterResponse()
+
+        return await self._shared_memory("CudaSharedMemoryUnregister", context, work)
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         """Load (or reload) a model of the repository by name (explicit model control)."""
@@ -366,9 +391,6 @@ def _unsupported(method: str, what: str) -> Callable[..., Awaitable[Any]]:
 
 
 UNSUPPORTED = {
-    "CudaSharedMemoryRegister": "CUDA shared memory",
-    "CudaSharedMemoryStatus": "CUDA shared memory",
-    "CudaSharedMemoryUnregister": "CUDA shared memory",
     "TraceSetting": "tracing",
     "LogSettings": "log settings",
 }

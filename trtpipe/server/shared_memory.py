@@ -11,6 +11,10 @@ must lie inside its shm object, and every input or output must lie inside its re
 region; anything else is a 400 and never a read or write outside it. Data is copied out of the
 region before inference, so a client that reuses or unregisters a region cannot change a
 request already accepted.
+
+The registry also holds CUDA shared memory regions (``trtpipe.server.cuda_shared_memory``): one
+name space for both kinds, as in Triton, and the same checks; a region's kind decides how its
+bytes are read and written.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ class SharedMemoryError(ProtocolError):
 
 @dataclass
 class Region:
+    """A system shared memory region; a CUDA region (``CudaRegion``) has the same methods."""
+
     name: str
     key: str
     offset: int
     byte_size: int
     mapping: mmap.mmap
+    kind = "system"
 
     def status(self) -> dict[str, Any]:
         return {
@@ -59,6 +66,18 @@ class Region:
             "offset": self.offset,
             "byte_size": self.byte_size,
         }
+
+    def read_bytes(self, start: int, size: int) -> bytes:
+        """``size`` bytes at ``start`` of the region (checked by the caller to fit)."""
+        start += self.offset
+        return self.mapping[start : start + size]
+
+    def write_bytes(self, start: int, data: bytes) -> None:
+        start += self.offset
+        self.mapping[start : start + len(data)] = data
+
+    def close(self) -> None:
+        self.mapping.close()
 
 
 def _non_negative_int(value: Any, what: str) -> int:
@@ -105,38 +124,58 @@ class SystemSharedMemory:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        with self._lock:
-            if name in self._regions:
-                mapping.close()
-                raise SharedMemoryError(
-                    f"shared memory region {name!r} is already registered; unregister it first"
-                )
-            self._regions[name] = Region(name, key, offset, byte_size, mapping)
+        self.add(Region(name, key, offset, byte_size, mapping))
         log.info("registered shared memory region %s (%s, %d bytes)", name, key, byte_size)
 
-    def status(self, name: str | None = None) -> list[dict[str, Any]]:
+    def is_registered(self, name: str) -> bool:
+        with self._lock:
+            return name in self._regions
+
+    def add(self, region: Any) -> None:
+        """A region opened by its kind's register; closed again if the name is taken."""
+        with self._lock:
+            if region.name in self._regions:
+                region.close()
+                raise SharedMemoryError(
+                    f"shared memory region {region.name!r} is already registered; unregister "
+                    "it first"
+                )
+            self._regions[region.name] = region
+
+    def status(self, name: str | None = None, kind: str = "system") -> list[dict[str, Any]]:
         with self._lock:
             if name:
-                if name not in self._regions:
-                    raise SharedMemoryError(f"unable to find system shared memory region: {name!r}")
-                return [self._regions[name].status()]
-            return [r.status() for r in self._regions.values()]
+                region = self._regions.get(name)
+                if region is None or region.kind != kind:
+                    what = "CUDA" if kind == "cuda" else kind
+                    raise SharedMemoryError(f"unable to find {what} shared memory region: {name!r}")
+                return [region.status()]
+            return [r.status() for r in self._regions.values() if r.kind == kind]
 
-    def unregister(self, name: str | None = None) -> None:
-        """One region, or every region when ``name`` is empty (unknown names are not an error)."""
+    def unregister(self, name: str | None = None, kind: str = "system") -> None:
+        """One region of ``kind``, or every one when ``name`` is empty (unknown names are not an
+        error)."""
         with self._lock:
             names = [name] if name else list(self._regions)
             for key in names:
-                region = self._regions.pop(key, None)
-                if region is not None:
-                    region.mapping.close()
+                region = self._regions.get(key)
+                if region is not None and region.kind == kind:
+                    del self._regions[key]
+                    region.close()
 
     def close(self) -> None:
-        self.unregister()
+        """Every region of every kind (server shutdown)."""
+        with self._lock:
+            regions, self._regions = list(self._regions.values()), {}
+        for region in regions:
+            try:
+                region.close()
+            except Exception as exc:  # shutting down: say so, close the others
+                log.warning("closing shared memory region %s failed: %s", region.name, exc)
 
     # -- data -------------------------------------------------------------------------------
-    def _span(self, ref: SharedMemoryRef, size: int, tensor: str) -> tuple[Region, int]:
-        """The region and the absolute start of ``size`` bytes at ``ref``; checked to fit."""
+    def _span(self, ref: SharedMemoryRef, size: int, tensor: str) -> tuple[Any, int]:
+        """The region and the start of ``size`` bytes at ``ref`` in it; checked to fit."""
         region = self._regions.get(ref.region)
         if region is None:
             raise SharedMemoryError(
@@ -147,13 +186,13 @@ class SystemSharedMemory:
                 f"tensor {tensor!r}: {size} bytes at offset {ref.offset} run past the end of "
                 f"shared memory region {ref.region!r} ({region.byte_size} bytes registered)"
             )
-        return region, region.offset + ref.offset
+        return region, ref.offset
 
     def read(self, ref: SharedMemoryRef, tensor: str) -> bytes:
         """A copy of an input's ``byte_size`` bytes at ``offset`` in its region."""
         with self._lock:
             region, start = self._span(ref, ref.byte_size, tensor)
-            return region.mapping[start : start + ref.byte_size]
+            return region.read_bytes(start, ref.byte_size)
 
     def write(self, ref: SharedMemoryRef, data: bytes, tensor: str) -> None:
         if len(data) > ref.byte_size:
@@ -163,7 +202,7 @@ class SystemSharedMemory:
             )
         with self._lock:
             region, start = self._span(ref, len(data), tensor)
-            region.mapping[start : start + len(data)] = data
+            region.write_bytes(start, data)
 
     def write_outputs(
         self,
@@ -204,7 +243,8 @@ def shared_memory_ref(params: dict[str, Any], tensor: str) -> SharedMemoryRef | 
 
 # -- HTTP routes ---------------------------------------------------------------------------------
 def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
-    """``/v2/systemsharedmemory[/region/{name}]/status|register|unregister``."""
+    """``/v2/systemsharedmemory[/region/{name}]/status|register|unregister`` (and the same
+    under ``/v2/cudasharedmemory``)."""
     import orjson
 
     router = APIRouter()
@@ -239,4 +279,7 @@ def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
         enabled().unregister(name)
         return ok()
 
+    from trtpipe.server.cuda_shared_memory import cuda_shared_memory_router
+
+    router.include_router(cuda_shared_memory_router(registry))
     return router
