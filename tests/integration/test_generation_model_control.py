@@ -212,7 +212,9 @@ def test_load_makes_a_generation_model_ready_everywhere(server: ServerThread) ->
         model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0
     )
     assert reply.usage.prompt_tokens > 0 and 1 <= reply.usage.completion_tokens <= MAX_TOKENS
-    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.choices[0].text
+    # Triton's way too (v2 infer with text_input; greedy unless sampling is asked for).
+    assert v2_generate(grpc, PROMPTS[0]) == v2_generate(http, PROMPTS[0]) == reply.choices[0].text
 
     grpc.unload_model(MODEL)
     assert not http.is_model_ready(MODEL) and not grpc.is_model_ready(MODEL)
