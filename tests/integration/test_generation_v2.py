@@ -206,41 +206,6 @@ def test_bad_requests_are_clear_errors_and_the_server_keeps_serving(served: dict
     assert texts(served_ok) == [good] and final_flag(served_ok)
 
 
-def generation_series(served: dict) -> dict[str, float]:
-    text = httpx.get(served["url"] + "/metrics", timeout=10).text
-    return {
-        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("trtpipe_generation") and f'model="{MODEL}"' in line
-        and "_bucket" not in line
-    }  # fmt: skip
-
-
-def test_closing_the_stream_cancels_the_sequence(served: dict) -> None:
-    import tritonclient.grpc as grpcclient
-
-    cancelled, generated = (
-        "trtpipe_generation_requests_cancelled",
-        "trtpipe_generation_generated_tokens",
-    )
-    before = generation_series(served)
-    collector = Collector()
-    with grpcclient.InferenceServerClient(served["grpc"]) as client:
-        client.start_stream(collector)
-        inputs = tensors(grpcclient, [PROMPTS[0]], max_tokens=200, ignore_eos=True, stream=True)
-        client.async_stream_infer(MODEL, inputs)
-        (first,) = collector.take(1)
-        assert first[1] is None and not final_flag(first[0])
-        client.stop_stream(cancel_requests=True)
-    deadline, series = time.monotonic() + 30, before
-    while time.monotonic() < deadline and series[cancelled] == before[cancelled]:
-        time.sleep(0.05)
-        series = generation_series(served)
-    assert series[cancelled] == before[cancelled] + 1
-    assert series["trtpipe_generation_running_sequences"] == 0
-    assert series[generated] - before[generated] < 200  # it never ran to its end
-
-
 def test_metadata_and_config_advertise_the_tensors(served: dict) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -256,42 +221,120 @@ def test_metadata_and_config_advertise_the_tensors(served: dict) -> None:
     assert optional["text_input"] is False and optional["stream"] is True
 
 
-def test_a_full_queue_refuses_the_whole_request_with_503(served: dict) -> None:
+STEP_DELAY_S = 0.02
+
+
+@pytest.fixture(scope="module")
+def slow(served: dict) -> Iterator[dict]:
+    """A second server on the same engine: 2 rows per step, 1 waiting request, and every engine
+    step 20 ms longer, so a request is surely still running when the test acts on it."""
+    from tests.server_utils import start_server
+
+    small = start_server(
+        [f"{MODEL}={served['engine']}"], devices=1, max_batch_size=2, max_queue_size=1
+    )
+    for scheduler in small.server.repository.generators[MODEL].schedulers:
+        inner = scheduler.session.step
+
+        def step(*args: Any, _inner: Any = inner) -> Any:
+            time.sleep(STEP_DELAY_S)
+            return _inner(*args)
+
+        scheduler.session.step = step
+    yield {
+        "url": f"http://127.0.0.1:{small.server.http_port}",
+        "http": f"127.0.0.1:{small.server.http_port}",
+        "grpc": f"127.0.0.1:{small.server.grpc_port}",
+    }
+    small.stop()
+
+
+def counts_when(served: dict, done: Any) -> dict:
+    """The model's generation_stats once ``done(stats)`` holds (or after 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats = httpx.get(served["url"] + f"/v2/models/{MODEL}/stats", timeout=10).json()
+        counts = dict(stats["model_stats"][0]["generation_stats"])
+        if done(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+def test_a_full_queue_refuses_the_whole_request_with_503(served: dict, slow: dict) -> None:
     """Both rows of the batch running, one slot of queue: a two-row request is refused whole
     (its first row, already queued, is cancelled) and the server then serves the next one."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from tests.server_utils import start_server
+    before = counts_when(slow, lambda c: c["running"] == 0)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 150, "stream": True,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    url = slow["url"] + "/v1/completions"
+    with (
+        httpx.stream("POST", url, json=body, timeout=60) as hog1,
+        httpx.stream("POST", url, json=body, timeout=60) as hog2,
+        httpclient.InferenceServerClient(slow["http"]) as client,
+    ):
+        for hog in (hog1, hog2):  # both running: the batch is full, the queue empty
+            assert next(hog.iter_lines()).startswith("data: ")
+        with pytest.raises(InferenceServerException, match="max queue size 1") as refused:
+            client.infer(MODEL, tensors(httpclient, list(PROMPTS), max_tokens=3))
+        assert refused.value.status() == "503"
+    counts = counts_when(slow, lambda c: c["cancelled"] >= before["cancelled"] + 3)
+    # The second row was refused; the first, already queued, was cancelled with the two closed
+    # streams and never ran.
+    delta = {k: counts[k] - before[k] for k in ("rejected", "cancelled", "finished")}
+    assert delta == {"rejected": 1, "cancelled": 3, "finished": 0}
+    with httpclient.InferenceServerClient(slow["http"]) as client:
+        reply = client.infer(MODEL, tensors(httpclient, [PROMPTS[1]], max_tokens=4))
+    assert texts(reply) == [completion(served, PROMPTS[1], 4)["choices"][0]["text"]]
 
-    small = start_server(
-        [f"{MODEL}={served['engine']}"], devices=1, grpc=False, max_batch_size=2, max_queue_size=1
+
+def test_a_modelinfer_past_its_deadline_cancels_its_row(slow: dict) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    before = counts_when(slow, lambda c: c["running"] == 0)
+    with grpcclient.InferenceServerClient(slow["grpc"]) as client:
+        inputs = tensors(grpcclient, [PROMPTS[0]], max_tokens=100, ignore_eos=True)
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.infer(MODEL, inputs, client_timeout=0.5)  # 100 steps take > 2 s
+    counts = counts_when(slow, lambda c: c["cancelled"] > before["cancelled"])
+    assert counts["cancelled"] - before["cancelled"] == 1
+    assert counts["finished"] == before["finished"] and counts["running"] == 0
+
+
+def generation_series(served: dict) -> dict[str, float]:
+    text = httpx.get(served["url"] + "/metrics", timeout=10).text
+    return {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trtpipe_generation") and f'model="{MODEL}"' in line
+        and "_bucket" not in line
+    }  # fmt: skip
+
+
+def test_closing_the_stream_cancels_the_sequence(slow: dict) -> None:
+    import tritonclient.grpc as grpcclient
+
+    cancelled, generated = (
+        "trtpipe_generation_requests_cancelled",
+        "trtpipe_generation_generated_tokens",
     )
-    try:
-        url = f"http://127.0.0.1:{small.server.http_port}"
-        body = {"model": MODEL, "prompt": "Once", "max_tokens": 150, "stream": True,
-                "temperature": 0, "ignore_eos": True}  # fmt: skip
-        with (
-            httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as hog1,
-            httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as hog2,
-            httpclient.InferenceServerClient(url[len("http://") :]) as client,
-        ):
-            for hog in (hog1, hog2):  # both running: the batch is full, the queue empty
-                assert next(hog.iter_lines()).startswith("data: ")
-            with pytest.raises(InferenceServerException, match="max queue size 1") as refused:
-                client.infer(MODEL, tensors(httpclient, list(PROMPTS), max_tokens=3))
-            assert refused.value.status() == "503"
-        counts: dict = {}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and counts.get("cancelled", 0) < 3:
-            stats = httpx.get(url + f"/v2/models/{MODEL}/stats", timeout=10).json()
-            counts = stats["model_stats"][0]["generation_stats"]
-            time.sleep(0.05)
-        # The second row was refused; the first, already queued, was cancelled with the two
-        # closed streams and never ran.
-        assert (counts["rejected"], counts["cancelled"], counts["finished"]) == (1, 3, 0)
-        with httpclient.InferenceServerClient(url[len("http://") :]) as client:
-            reply = client.infer(MODEL, tensors(httpclient, [PROMPTS[1]], max_tokens=4))
-        assert texts(reply) == [completion(served, PROMPTS[1], 4)["choices"][0]["text"]]
-    finally:
-        small.stop()
+    counts_when(slow, lambda c: c["running"] == 0)
+    before = generation_series(slow)
+    collector = Collector()
+    with grpcclient.InferenceServerClient(slow["grpc"]) as client:
+        client.start_stream(collector)
+        inputs = tensors(grpcclient, [PROMPTS[0]], max_tokens=200, ignore_eos=True, stream=True)
+        client.async_stream_infer(MODEL, inputs)
+        (first,) = collector.take(1)
+        assert first[1] is None and not final_flag(first[0])
+        client.stop_stream(cancel_requests=True)
+    deadline, series = time.monotonic() + 30, before
+    while time.monotonic() < deadline and series[cancelled] == before[cancelled]:
+        time.sleep(0.05)
+        series = generation_series(slow)
+    assert series[cancelled] == before[cancelled] + 1
+    assert series["trtpipe_generation_running_sequences"] == 0
+    assert series[generated] - before[generated] < 200  # it never ran to its end
