@@ -13,6 +13,7 @@ to AutoCast as its own ``IORangeRule`` over those maxima, so the decision is Aut
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ def tensor_absmax(
     names = [o for node in probe.graph.node if node.op_type != "Constant" for o in node.output if o]
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    probe_path = src.parent / f".fp16-probe.{src.name}"
+    probe_path = src.parent / f".fp16-probe.{os.getpid()}.{src.name}"
     onnx.save_model(probe, str(probe_path))
     del probe
     options = ort.SessionOptions()
@@ -51,7 +52,7 @@ def tensor_absmax(
     try:
         session = ort.InferenceSession(str(probe_path), options, providers=["CPUExecutionProvider"])
     finally:
-        probe_path.unlink()
+        probe_path.unlink(missing_ok=True)
     wanted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in calibration.items() if k in wanted}
     absmax = {name: _absmax(value) for name, value in feeds.items()}

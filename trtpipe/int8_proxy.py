@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,14 @@ def capture_rows(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if file_backed:
         assert source is not None
-        probe_path = source.parent / f".probe.{source.name}"
+        probe_path = source.parent / f".probe.{os.getpid()}.{source.name}"
         onnx.save_model(probe, str(probe_path))
         try:
             session = ort.InferenceSession(
                 str(probe_path), options, providers=["CPUExecutionProvider"]
             )
         finally:
-            probe_path.unlink()
+            probe_path.unlink(missing_ok=True)
     else:
         session = ort.InferenceSession(
             probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
