@@ -19,7 +19,9 @@ would fail:
   device's stream that touches them fails (the project never copies across devices; real CUDA
   would do a slow peer copy or fault);
 * device memory is limited per device (``State.total_memory``): a ``cudaMalloc`` past it fails
-  with ``cudaErrorMemoryAllocation``; pinned host memory is limited too (``host_memory``);
+  with ``cudaErrorMemoryAllocation``, and ``cudaMemGetInfo`` reports the current device's free
+  and total bytes from that limit and its live allocations; pinned host memory is limited too
+  (``host_memory``);
 * a fault inside queued work (illegal address, launch failure) is sticky, as in a real CUDA
   context: every later call that needs that device's context returns the same error;
 * a driver older than the runtime (``State.driver_version < runtime_version``, cuda-python 13
@@ -378,6 +380,17 @@ def cudaMalloc(size: int) -> tuple[Any, ...]:
         _count(STATE.device_bytes, STATE.peak_device_bytes, device, size)
         STATE.mallocs += 1
     return _ok(ptr)
+
+
+def cudaMemGetInfo() -> tuple[Any, ...]:
+    """``(err, free, total)`` of the current device: its memory limit less its live allocations
+    (open IPC mappings belong to the exporting process's device, not counted here)."""
+    if (refused := _blocked(2)) is not None:
+        return refused
+    device = STATE.current_device()
+    with STATE.lock:
+        used = STATE.device_bytes.get(device, 0)
+    return _ok(max(0, STATE.total_memory - used), STATE.total_memory)
 
 
 def cudaFree(ptr: Any) -> tuple[Any, ...]:
