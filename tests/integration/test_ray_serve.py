@@ -8,6 +8,7 @@ seconds, so everything shares one module-scoped cluster, under a hard timeout.
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import time
@@ -55,6 +56,15 @@ def ray_port(engines: Path) -> Iterator[int]:
     from ray import serve
 
     port = free_port()
+    # Ray Serve gives its HTTP proxy 5 s to import and answer a readiness check; on a loaded
+    # 2-core machine that import alone can take longer, and the proxy is then killed in a loop.
+    # The raylet and its workers inherit this environment from ray.init.
+    slow_machine = {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120",
+    }
+    saved = {name: os.environ.get(name) for name in slow_machine}
+    os.environ.update(slow_machine)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -64,6 +74,11 @@ def ray_port(engines: Path) -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")

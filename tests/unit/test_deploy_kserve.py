@@ -1,15 +1,15 @@
 """deploy/kserve: the ServingRuntime and InferenceService examples are valid and keep the rules.
 
-The ``kserve`` SDK is not a dependency (it pulls pandas, kubernetes and a model server), so the
-manifests are checked against the CRD field names of its generated models (kserve 0.21.0:
-V1alpha1ServingRuntime/Spec, V1alpha1SupportedModelFormat, V1beta1InferenceService/Spec,
-V1beta1PredictorSpec, V1beta1ModelSpec, V1beta1ModelFormat; Kubernetes core/v1 for the
-container): every key must be a field of its type, with the type's value kind. The runtime's
-``args`` are parsed by the real ``trtpipe serve`` command.
+The manifests are checked against the ``kserve`` SDK's generated models (and the Kubernetes
+client's, for the container, ports and resources): every key must be a field of its type, every
+value of the field's type, recursively, the way the API server's schema validation reads them
+(the SDK's own deserializer silently drops unknown keys, so it cannot catch a misspelled one).
+The runtime's ``args`` are parsed by the real ``trtpipe serve`` command.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,137 +17,53 @@ import pytest
 import yaml
 
 KSERVE = Path(__file__).resolve().parents[2] / "deploy" / "kserve"
-
-# type name -> {camelCase field: value type}; value types: str, int, bool, map (string map),
-# another type name, or [type] for a list. Only the types these manifests use are spelled out.
-SCHEMA: dict[str, dict[str, Any]] = {
-    "ServingRuntime": {
-        "apiVersion": "str",
-        "kind": "str",
-        "metadata": "ObjectMeta",
-        "spec": "ServingRuntimeSpec",
-        "status": "any",
-    },
-    "InferenceService": {
-        "apiVersion": "str",
-        "kind": "str",
-        "metadata": "ObjectMeta",
-        "spec": "InferenceServiceSpec",
-        "status": "any",
-    },
-    "ObjectMeta": {"name": "str", "namespace": "str", "annotations": "map", "labels": "map"},
-    "ServingRuntimeSpec": {
-        **{k: "any" for k in ("affinity", "builtInAdapter", "imagePullSecrets", "tolerations")},
-        **{k: "any" for k in ("resourceClaims", "storageHelper", "volumes", "workerSpec")},
-        "annotations": "map",
-        "containers": ["Container"],
-        "disabled": "bool",
-        "grpcDataEndpoint": "str",
-        "grpcEndpoint": "str",
-        "hostIPC": "bool",
-        "httpDataEndpoint": "str",
-        "labels": "map",
-        "multiModel": "bool",
-        "nodeSelector": "map",
-        "protocolVersions": ["str"],
-        "replicas": "int",
-        "schedulerName": "str",
-        "supportedModelFormats": ["SupportedModelFormat"],
-    },
-    "SupportedModelFormat": {
-        "autoSelect": "bool",
-        "name": "str",
-        "priority": "int",
-        "version": "str",
-    },
-    "InferenceServiceSpec": {
-        "canary": "any",
-        "explainer": "any",
-        "predictor": "PredictorSpec",
-        "tracing": "any",
-        "transformer": "any",
-    },
-    "PredictorSpec": {
-        "annotations": "map",
-        "labels": "map",
-        "containerConcurrency": "int",
-        "canaryTrafficPercent": "int",
-        "maxReplicas": "int",
-        "minReplicas": "int",
-        "model": "ModelSpec",
-        "nodeSelector": "map",
-        "scaleMetric": "str",
-        "scaleTarget": "int",
-        "serviceAccountName": "str",
-        "timeout": "int",
-        "tolerations": "any",
-    },
-    "ModelSpec": {
-        "args": ["str"],
-        "command": ["str"],
-        "env": ["EnvVar"],
-        "image": "str",
-        "modelFormat": "ModelFormat",
-        "name": "str",
-        "ports": ["ContainerPort"],
-        "protocolVersion": "str",
-        "readinessProbe": "any",
-        "resources": "ResourceRequirements",
-        "runtime": "str",
-        "runtimeVersion": "str",
-        "storageUri": "str",
-    },
-    "ModelFormat": {"name": "str", "version": "str"},
-    "Container": {
-        "args": ["str"],
-        "command": ["str"],
-        "env": ["EnvVar"],
-        "image": "str",
-        "imagePullPolicy": "str",
-        "livenessProbe": "any",
-        "name": "str",
-        "ports": ["ContainerPort"],
-        "readinessProbe": "any",
-        "resources": "ResourceRequirements",
-        "securityContext": "any",
-        "startupProbe": "any",
-        "volumeMounts": "any",
-        "workingDir": "str",
-    },
-    "ContainerPort": {"containerPort": "int", "hostPort": "int", "name": "str", "protocol": "str"},
-    "EnvVar": {"name": "str", "value": "str", "valueFrom": "any"},
-    "ResourceRequirements": {"limits": "map", "requests": "map", "claims": "any"},
-}
+KINDS = {"ServingRuntime": "V1alpha1ServingRuntime", "InferenceService": "V1beta1InferenceService"}
+PRIMITIVES: dict[str, Any] = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 
 
-def check(value: Any, kind: Any, where: str) -> None:
-    """``value`` must have the shape of ``kind`` (see SCHEMA); raises AssertionError naming it."""
-    if kind == "any":
-        return
-    if isinstance(kind, list):
+def sdk_model(type_name: str) -> Any:
+    """The SDK class of an OpenAPI type name (kserve's own, or the Kubernetes client's)."""
+    import kserve.models
+    import kubernetes.client.models
+
+    for module in (kserve.models, kubernetes.client.models):
+        if hasattr(module, type_name):
+            return getattr(module, type_name)
+    raise AssertionError(f"no SDK model named {type_name}")
+
+
+def check(value: Any, type_name: str, where: str) -> None:
+    """``value`` must have the shape of the SDK type ``type_name``; AssertionError names it."""
+    if type_name == "object":
+        return  # free-form (status, raw extensions)
+    if match := re.fullmatch(r"[Ll]ist\[(.+)\]", type_name):
         assert isinstance(value, list), f"{where} must be a list"
         for index, item in enumerate(value):
-            check(item, kind[0], f"{where}[{index}]")
+            check(item, match.group(1), f"{where}[{index}]")
         return
-    if kind == "map":
+    if match := re.fullmatch(r"(?:[Dd]ict\[|dict\()str, (.+)[\])]", type_name):
         assert isinstance(value, dict), f"{where} must be a map"
-        assert all(isinstance(v, str) for v in value.values()), f"{where} values must be strings"
+        for key, item in value.items():
+            check(item, match.group(1), f"{where}.{key}")
         return
-    primitive = {"str": str, "int": int, "bool": bool}.get(kind)
-    if primitive is not None:
-        assert isinstance(value, primitive), f"{where} must be a {kind}, got {value!r}"
+    if type_name in PRIMITIVES:
+        wrong_bool = isinstance(value, bool) and type_name != "bool"
+        assert isinstance(value, PRIMITIVES[type_name]) and not wrong_bool, (
+            f"{where} must be a {type_name}, got {value!r}"
+        )
         return
-    assert isinstance(value, dict), f"{where} must be a {kind} object"
-    fields = SCHEMA[kind]
+    model = sdk_model(type_name)
+    assert isinstance(value, dict), f"{where} must be a {type_name} object"
+    fields = {key: attribute for attribute, key in model.attribute_map.items()}
     unknown = sorted(set(value) - set(fields))
-    assert not unknown, f"{where}: {unknown} are not fields of {kind}"
-    for name, item in value.items():
-        check(item, fields[name], f"{where}.{name}")
+    assert not unknown, f"{where}: {unknown} are not fields of {type_name}"
+    for key, item in value.items():
+        check(item, model.openapi_types[fields[key]], f"{where}.{key}")
 
 
 def load(name: str) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((KSERVE / name).read_text())
-    check(doc, doc["kind"], name)
+    check(doc, KINDS[doc["kind"]], name)
     return doc
 
 
@@ -159,10 +75,14 @@ def runtime() -> dict[str, Any]:
 
 
 def test_the_schema_check_catches_a_misspelled_field() -> None:
-    with pytest.raises(AssertionError, match=r"\['storageURI'\] are not fields of ModelSpec"):
-        check({"storageURI": "gs://x"}, "ModelSpec", "model")
+    with pytest.raises(
+        AssertionError, match=r"\['storageURI'\] are not fields of V1beta1ModelSpec"
+    ):
+        check({"storageURI": "gs://x"}, "V1beta1ModelSpec", "model")
     with pytest.raises(AssertionError, match="containerPort must be a int"):
-        check({"containerPort": "8080"}, "ContainerPort", "port")
+        check({"containerPort": "8080"}, "V1ContainerPort", "port")
+    with pytest.raises(AssertionError, match=r"limits.nvidia.com/gpu must be a str, got 1"):
+        check({"limits": {"nvidia.com/gpu": 1}}, "V1ResourceRequirements", "resources")
 
 
 def test_serving_runtime_rules(runtime: dict[str, Any]) -> None:
