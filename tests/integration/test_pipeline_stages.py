@@ -167,7 +167,6 @@ def test_wrong_device_count_is_one_clear_error(two_stages: EngineDir):
         (["--pipeline-stages", "7"], "the model has 6 blocks"),
         (["--stage-layers", "0-2,4-5"], "should start at 3"),
         (["--pipeline-stages", "3", "--stage-layers", "0-2,3-5"], "gives 2 stages"),
-        (["--pipeline-stages", "2", "--int8"], "fp32 or fp16 stages"),
     ],
 )
 def test_bad_stage_options(minilm_onnx: Path, tmp_path: Path, args: list[str], message: str):

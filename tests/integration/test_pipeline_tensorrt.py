@@ -195,3 +195,72 @@ def test_cli_reports_the_stage_that_does_not_fit(two_gpus: FakeGpu, trt_stages: 
     assert "Traceback" not in result.output
     assert "error: stage 0 (blocks [0, 0]) does not fit cuda:0" in result.output
     assert two_gpus.leaks() == {"device": 0, "host": 0, "streams": 0}
+
+
+def test_serve_on_four_gpus_is_two_pipeline_replicas(trt_stages: EngineDir, tiny_bert_engine: Path):
+    """``serve ENGINE --gpus 0,1,2,3`` with 2 stages: replicas on cuda:0-1 and cuda:2-3, each
+    request answered like the unsplit engine, every GPU holding its own stage's buffers."""
+    import json
+
+    from tests.server_utils import fetch, json_infer_body
+    from trtpipe.devices import parse_gpus
+    from trtpipe.server.app import InferenceServer, ServerConfig, ServerThread
+    from trtpipe.server.config import ServeConfig
+    from trtpipe.server.repository import ModelRepository
+
+    feeds = padded_feeds(batch=4, seq=16, seed=3)
+    with runner_for(EngineDir(tiny_bert_engine)) as whole:
+        want = whole.infer(feeds)["last_hidden_state"]
+    with installed_fakes(device_count=4) as gpu:
+        # What the serve command makes of --gpus 0,1,2,3 (trtpipe.cli.serve).
+        config = ServeConfig(devices=parse_gpus("0,1,2,3"), policy="round_robin")
+        repository = ModelRepository.from_specs([f"bert={trt_stages.path}"], config)
+        server = InferenceServer(repository, ServerConfig(http_port=0, grpc_port=None))
+        with ServerThread(server):
+            port = server.http_port
+            assert port is not None
+            status, body = fetch(port, "/v2/models/bert/ready")
+            assert status == 200, body
+            devices = [d["device"] for d in json.loads(body)["devices"]]
+            assert devices == ["cuda:0", "cuda:2"]
+            assert set(gpu.state.device_bytes) == {0, 1, 2, 3}
+            assert all(n > 0 for n in gpu.state.device_bytes.values())
+            for _ in range(2):  # dealt to each replica in turn
+                status, body = fetch(port, "/v2/models/bert/infer", json_infer_body(feeds))
+                assert status == 200, body
+                (output,) = json.loads(body)["outputs"]
+                got = np.array(output["data"], np.float32).reshape(output["shape"])
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+            served = repository.get("bert").devices_status()
+            assert [s["executions"] for s in served] == [1, 1]
+        assert gpu.leaks() == {"device": 0, "host": 0, "streams": 0}
+
+
+@pytest.mark.parametrize(
+    "fixture, devices",
+    [("trt_stages", ["--gpus", "0,1,2"]), ("ort_stages", ["--devices", "cpu:3"])],
+)
+def test_serve_refuses_devices_that_do_not_divide(
+    request: pytest.FixtureRequest, fixture: str, devices: list[str]
+):
+    import socket
+
+    engine = request.getfixturevalue(fixture)
+    # A port this test holds: were the devices not refused first, serve would fail on the port
+    # (a different message) rather than serve forever.
+    with installed_fakes(device_count=3) as gpu, socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        result = CliRunner().invoke(
+            cli, ["serve", str(engine.path), *devices, "--http-port", port, "--grpc-port", "0"]
+        )
+        assert gpu.leaks() == {"device": 0, "host": 0, "streams": 0}
+    kind = "cuda" if fixture == "trt_stages" else "cpu"
+    listed = ", ".join(f"{kind}:{i}" for i in range(3))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: 3 device(s) ({listed}) do not divide into pipeline replicas of 2 stages: "
+        "give a multiple of 2 devices"
+    ]
