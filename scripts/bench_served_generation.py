@@ -91,7 +91,7 @@ def main() -> int:
         )  # fmt: skip
         subprocess.run(
             [*TRTPIPE, "build", str(export / "model.onnx"), "--backend", "onnxruntime",
-             "--max-shapes", "input_ids:16x64", "-o", str(engine)], check=True,
+             "--max-shapes", "input_ids:16x128", "-o", str(engine)], check=True,
         )  # fmt: skip
     if args.prepare_only:
         return 0
