@@ -345,27 +345,37 @@ def build_staged_engine_dir(config: Any) -> Any:
     from trtpipe.generation.kv_cache import is_decoder
     from trtpipe.onnx_files import save_model, uses_external_data
 
+    if config.precision == "int8":
+        raise InputError(
+            "--pipeline-stages builds fp32 or fp16 stages for now (int8 calibration per stage "
+            "is not supported yet)"
+        )
     # The graph only (clear errors for a missing or broken file); weights are read per stage.
     model = load_onnx(config.onnx_path)
     model_dir = config.onnx_path.parent
     info = ExportInfo.read(model_dir)
     task = config.task or (info.task if info else detect_build_task(model_dir))
     inputs, _ = onnx_io_specs(model)
-    if task == TENSOR_TASK or is_decoder(inputs):
+    if task == TENSOR_TASK:
         raise InputError(
-            "--pipeline-stages cuts Hugging Face encoder exports for now "
-            "(decoders with a KV cache per stage are not supported yet)"
+            "--pipeline-stages cuts Hugging Face exports (encoders and KV-cache decoders), "
+            "not plain tensor models"
         )
+    decoder = is_decoder(inputs)
     backend = resolve_backend(config.backend)
     profile = build_profile(
         inputs, config.min_shapes, config.opt_shapes, config.max_shapes, max_positions(model_dir)
     )
     ranges = kind_ranges(profile, inputs)
-    plans = plan_stages(model, config.pipeline_stages, config.stage_layers)
+    if decoder:  # each stage only its own layers' KV cache (trtpipe.build.decoder_stages)
+        from trtpipe.build.decoder_stages import decoder_stage_models, plan_decoder_stages
+
+        plans = plan_decoder_stages(model, config.pipeline_stages, config.stage_layers)
+    else:
+        plans = plan_stages(model, config.pipeline_stages, config.stage_layers)
     external = uses_external_data(config.onnx_path)
-    # fp16 and int8: every stage gets real reference / calibration inputs, its boundary
-    # activations computed by the fp32 stages before it on the calibration text (AutoCast's
-    # random inputs would be wrong; int8 stage i>0 is calibrated on what stage i-1 feeds it).
+    # fp16: every stage gets real reference inputs, its boundary activations computed by the
+    # fp32 stages before it on the calibration text (AutoCast's random inputs would be wrong).
     env = None
     if config.precision != "fp32":
         from trtpipe.build import calibration_feeds
@@ -375,7 +385,8 @@ def build_staged_engine_dir(config: Any) -> Any:
             config.calib_texts if config.calib_texts is not None else default_calibration_texts()
         )
         env = calibration_feeds(model_dir, texts, inputs, profile)
-    stages = stage_models(model, plans, model_dir if external else None)
+    cut = decoder_stage_models if decoder else stage_models
+    stages = cut(model, plans, model_dir if external else None)
     with atomic_directory(config.output, replaces="manifest.json") as tmp:
         for name in SIDE_FILES:
             if (model_dir / name).is_file():
@@ -419,21 +430,23 @@ def build_staged_engine_dir(config: Any) -> Any:
             stage_manifests.append(build_engine_dir(stage_config).manifest)
             shutil.rmtree(src)
         shutil.rmtree(sources)
-        first, last = stage_manifests[0], stage_manifests[-1]
+        first = stage_manifests[0]
+        # The graph's outputs in its order, from the stage that makes each (a decoder's
+        # present.i.* come from the stage of block i, logits from the last).
+        made = {spec.name: spec for m in stage_manifests for spec in m.outputs}
         manifest = Manifest(
             task=task,
             backend=backend,
             precision=config.precision,
             engine_file=STAGES_DIR,
             inputs=[s for s in inputs if any(s.name in p.inputs for p in plans)],
-            outputs=last.outputs,
+            outputs=[made[o.name] for o in model.graph.output if o.name in made],
             profile={k: v for k, v in profile.items() if any(k in p.inputs for p in plans)},
             source_model=info.source_model if info else "",
             library=info.library if info else "transformers",
             source_onnx_sha256=sha256_file(config.onnx_path),
             versions=dict(first.versions),
             device=dict(first.device),
-            cpu_int8_family=first.cpu_int8_family,
             build_options={"pipeline_stages": len(plans), "stage_layers": config.stage_layers},
             stages=[plan.to_dict() for plan in plans],
         )

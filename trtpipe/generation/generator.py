@@ -25,7 +25,7 @@ from trtpipe.generation.kv_cache import DecoderSession
 from trtpipe.generation.loop import SequenceResult, iterate_batch
 from trtpipe.generation.prompts import chunks, deal, tokenize
 from trtpipe.generation.sampling import SamplingParams
-from trtpipe.generation.sessions import decoder_session
+from trtpipe.generation.sessions import decoder_session, session_places
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,12 @@ class Generator:
         self.stop_ids, self.pad_id = special_ids(self.engine.path, self.tokenizer)
         self._decode = fast_decoder(self.tokenizer)
         self.sessions: list[DecoderSession] = []
+        # One session per device, or per device group of a pipeline-stage engine.
+        places = session_places(self.engine, self.devices)
+        self.places = [",".join(str(d) for d in group) for group in places]
         try:
-            for device in self.devices:
-                session = decoder_session(self.engine, device, threads)
+            for group in places:
+                session = decoder_session(self.engine, group, threads)
                 session.load()
                 self.sessions.append(session)
         except BaseException:
@@ -177,7 +180,7 @@ class Generator:
                 with self._next_lock:
                     ttfts.append(ttft)
                     for result in results:
-                        outputs[result.index] = (result, str(self.devices[worker]))
+                        outputs[result.index] = (result, self.places[worker])
 
         plan = deal(len(parts), len(self.sessions))
         if len(self.sessions) == 1:
