@@ -345,11 +345,6 @@ def build_staged_engine_dir(config: Any) -> Any:
     from trtpipe.generation.kv_cache import is_decoder
     from trtpipe.onnx_files import save_model, uses_external_data
 
-    if config.precision == "int8":
-        raise InputError(
-            "--pipeline-stages builds fp32 or fp16 stages for now (int8 calibration per stage "
-            "is not supported yet)"
-        )
     # The graph only (clear errors for a missing or broken file); weights are read per stage.
     model = load_onnx(config.onnx_path)
     model_dir = config.onnx_path.parent
@@ -374,8 +369,9 @@ def build_staged_engine_dir(config: Any) -> Any:
     else:
         plans = plan_stages(model, config.pipeline_stages, config.stage_layers)
     external = uses_external_data(config.onnx_path)
-    # fp16: every stage gets real reference inputs, its boundary activations computed by the
-    # fp32 stages before it on the calibration text (AutoCast's random inputs would be wrong).
+    # fp16 and int8: every stage gets real reference / calibration inputs, its boundary
+    # activations computed by the fp32 stages before it on the calibration text (AutoCast's
+    # random inputs would be wrong; int8 stage i>0 is calibrated on what stage i-1 feeds it).
     env = None
     if config.precision != "fp32":
         from trtpipe.build import calibration_feeds
@@ -447,6 +443,7 @@ def build_staged_engine_dir(config: Any) -> Any:
             source_onnx_sha256=sha256_file(config.onnx_path),
             versions=dict(first.versions),
             device=dict(first.device),
+            cpu_int8_family=first.cpu_int8_family,
             build_options={"pipeline_stages": len(plans), "stage_layers": config.stage_layers},
             stages=[plan.to_dict() for plan in plans],
         )
