@@ -210,7 +210,37 @@ def to_int8_qdq(src: Path, dst: Path, calibration: dict[str, np.ndarray]) -> dic
             )
     except Exception as exc:
         raise BuildError(f"INT8 Q/DQ quantization failed: {exc}") from exc
+    restore_io_dim_names(src, dst)
     return {"method": "modelopt.quantize", "calibration": "entropy", "qdq": True}
+
+
+def restore_io_dim_names(src: Path, dst: Path) -> None:
+    """Give the graph I/O of ``dst`` the dynamic dim names of ``src``.
+
+    ModelOpt's quantize can rename a dynamic output dim to ``unk__N`` (seen on a pipeline
+    stage's hidden-state output): the manifest would lose which axis is the batch and which the
+    sequence. Only the graph proto is rewritten; external weights stay where they are.
+    """
+    import onnx
+
+    source = onnx.load(str(src), load_external_data=False)
+    names = {
+        v.name: [d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in [*source.graph.input, *source.graph.output]
+    }
+    model = onnx.load(str(dst), load_external_data=False)
+    changed = False
+    for value in [*model.graph.input, *model.graph.output]:
+        want = names.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if want is None or len(want) != len(dims):
+            continue
+        for dim, name in zip(dims, want, strict=True):
+            if name and not dim.HasField("dim_value") and dim.dim_param != name:
+                dim.dim_param = name
+                changed = True
+    if changed:
+        onnx.save(model, str(dst))
 
 
 def int8_recipe(family: str | None = None) -> dict[str, Any]:

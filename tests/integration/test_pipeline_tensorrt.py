@@ -264,3 +264,44 @@ def test_serve_refuses_devices_that_do_not_divide(
         f"error: 3 device(s) ({listed}) do not divide into pipeline replicas of 2 stages: "
         "give a multiple of 2 devices"
     ]
+
+
+# ModelOpt probes for ``tensorrt`` when imported: it must be imported before the fakes go in.
+MODELOPT = ("modelopt.onnx.quantization", "modelopt.onnx.trt_utils")
+
+
+def test_int8_qdq_stages(tiny_bert_onnx: Path, tiny_bert_engine: Path, tmp_path: Path):
+    """``--int8`` for TensorRT: each stage is a ModelOpt Q/DQ graph (stage 1 calibrated on the
+    fp32 hidden state of block 0), built strongly typed; the pipeline over two fake GPUs stays
+    within the floor the unsplit int8 TensorRT engine is held to (test_tensorrt_fake.py)."""
+    import onnx
+
+    out = tmp_path / "int8"
+    feeds = padded_feeds(batch=4, seq=20, seed=5)
+    with runner_for(EngineDir(tiny_bert_engine)) as whole:
+        want = whole.infer(feeds)["last_hidden_state"]
+    with installed_fakes(device_count=2, preimport=MODELOPT) as gpu:
+        code, text = invoke(
+            "build", str(tiny_bert_onnx), "--backend", "tensorrt", "--int8",
+            "--pipeline-stages", "2", *SHAPES, "-o", str(out),
+        )  # fmt: skip
+        assert code == 0, text
+        engine = EngineDir(out)
+        for received in gpu.trt.BUILDS:  # what each stage's builder parsed
+            ops = [n.op_type for n in onnx.load_from_string(received["onnx_bytes"]).graph.node]
+            assert ops.count("QuantizeLinear") >= 4 and "DequantizeLinear" in ops
+        with runner_for(engine, GPUS) as runner:
+            got = runner.infer(feeds)["last_hidden_state"]
+        assert gpu.leaks() == {"device": 0, "host": 0, "streams": 0}
+    assert [d.manifest.precision for d in engine.stage_dirs()] == ["int8", "int8"]
+    # The Q/DQ graphs keep the export's dim names on the boundary (ModelOpt renames them).
+    (boundary,) = engine.stage_dirs()[0].manifest.outputs
+    assert boundary.dims[:2] == ["batch", "sequence"]
+    assert engine.stage_dirs()[1].manifest.input(boundary.name).dims == boundary.dims
+    methods = [d.manifest.build_options["precision"]["method"] for d in engine.stage_dirs()]
+    assert methods == ["modelopt.quantize"] * 2
+    rows = feeds["attention_mask"].astype(bool)
+    a, b = got[rows], want[rows]  # real tokens only
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert got.shape == want.shape and cosine.min() >= 0.97
+    assert not np.allclose(got, want, atol=1e-5)  # it really ran quantized
