@@ -266,6 +266,20 @@ def test_serve_refuses_devices_that_do_not_divide(
     ]
 
 
+def test_pool_splits_the_cores_over_every_cpu_stage(ort_stages: EngineDir):
+    """2 replicas x 2 CPU stages are 4 CPU workers on the same cores: each gets cores // 4
+    intra-op threads (or --cpu-threads), not cores // 2 per replica."""
+    from trtpipe.runtime.pool import DevicePool, cpu_cores
+
+    cpus = [Device("cpu", i) for i in range(4)]
+    for given, want in ((None, max(1, cpu_cores() // 4)), (3, 3)):
+        pool = DevicePool.for_engine(ort_stages, cpus, threads_per_cpu_worker=given)
+        runner = pool.runner_factory(Device("cpu", 2))
+        assert isinstance(runner, PipelineRunner) and runner.devices == cpus[2:]
+        with runner:
+            assert [r.threads for r in runner.stage_runners] == [want, want]  # type: ignore[attr-defined]
+
+
 # ModelOpt probes for ``tensorrt`` when imported: it must be imported before the fakes go in.
 MODELOPT = ("modelopt.onnx.quantization", "modelopt.onnx.trt_utils")
 

@@ -107,7 +107,12 @@ class DevicePool:
         engine_dir = engine if isinstance(engine, EngineDir) else EngineDir(engine)
         if engine_dir.manifest.stages:
             return cls._for_staged_engine(
-                engine_dir, devices, policy, retry_on_failure, reload_backoff
+                engine_dir,
+                devices,
+                policy,
+                retry_on_failure,
+                reload_backoff,
+                threads_per_cpu_worker,
             )
         cpu_workers = sum(1 for d in devices if not d.is_gpu)
         threads = threads_per_cpu_worker
@@ -137,17 +142,33 @@ class DevicePool:
         policy: str,
         retry_on_failure: bool,
         reload_backoff: Backoff | None,
+        threads_per_cpu_worker: int | None = None,
     ) -> DevicePool:
         """Pipeline-stage engines: the device list cut into groups of the stage count, one
-        pipeline replica per group, dealt like devices (each listed by its first device)."""
+        pipeline replica per group, dealt like devices (each listed by its first device).
+
+        Every CPU stage of every replica is a CPU worker sharing the cores: each gets
+        ``cores // workers`` intra-op threads unless ``threads_per_cpu_worker`` says otherwise.
+        """
         from trtpipe.devices import pipeline_groups
         from trtpipe.runners import runner_for
 
         groups = {
             group[0]: group for group in pipeline_groups(devices, len(engine_dir.manifest.stages))
         }
+        cpu_workers = sum(1 for d in devices if not d.is_gpu)
+        threads = threads_per_cpu_worker
+        if threads is None and cpu_workers:
+            threads = max(1, cpu_cores() // cpu_workers)
+
+        def factory(device: Device) -> Runner:
+            runner = runner_for(engine_dir, groups[device])
+            if hasattr(runner, "threads"):
+                runner.threads = threads
+            return runner
+
         return cls(
-            lambda device: runner_for(engine_dir, groups[device]),
+            factory,
             list(groups),
             policy,
             retry_on_failure,
