@@ -156,11 +156,14 @@ def test_greedy_equals_hf_batched_left_padded(staged: dict, generator) -> None:
 
     rows = tokenize(generator.tokenizer, PROMPTS)
     assert len({len(r) for r in rows}) == len(rows)  # really different lengths: left padding
+    expected = hf_greedy(staged["model"], rows, MAX_NEW)
     results = generator.generate(PROMPTS, SamplingParams(MAX_NEW, greedy=True))
-    assert [r.token_ids for r in results] == hf_greedy(staged["model"], rows, MAX_NEW)
+    assert [r.token_ids for r in results] == expected
     assert {r.device for r in results} == {"cpu:0,cpu:1"}
-    (session,) = generator.sessions
-    assert isinstance(session, StagedDecoderSession)
+    # One replica, two sessions (twins) over the same loaded stages, each with its own cache.
+    session, twin = generator.sessions
+    assert isinstance(session, StagedDecoderSession) and isinstance(twin, StagedDecoderSession)
+    assert twin.stages is session.stages and twin.past is not session.past
     # Each stage's cache is its own, on its own device, grown to prompt + new - 1 positions.
     first, second = session.past
     assert sorted(first) == ["past_key_values.0.key", "past_key_values.0.value"]
@@ -169,7 +172,12 @@ def test_greedy_equals_hf_batched_left_padded(staged: dict, generator) -> None:
     assert first["past_key_values.0.key"].shape()[2] == width
     assert type(second["past_key_values.1.key"]).__name__ == "OrtValue"
     assert [s.device for s in session.stages] == CPU2
-    assert all(s.steps >= MAX_NEW for s in session.stages)
+    # Two chunks of two prompts run at once on the twins (their steps overlap across the
+    # stages): the same tokens.
+    steps = [s.steps for s in session.stages]
+    halves = generator.generate(PROMPTS, SamplingParams(MAX_NEW, greedy=True), batch_size=2)
+    assert [r.token_ids for r in halves] == expected
+    assert all(s.steps - n >= 2 * MAX_NEW for s, n in zip(session.stages, steps, strict=True))
 
 
 def test_scheduler_over_the_staged_session_joins_and_leaves(staged: dict, generator) -> None:
@@ -228,3 +236,36 @@ def test_generate_cli_on_two_cpu_workers(staged: dict, tmp_path: Path) -> None:
     bad = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "do not divide into pipeline replicas of 2 stages" in bad.stderr
+
+
+def test_two_schedulers_on_twin_sessions_keep_each_requests_tokens(staged: dict, generator) -> None:
+    """As ``serve`` runs a staged decoder: one scheduler per twin session, both stepping
+    through the same stages at once; every request still gets its tokens alone."""
+    from tests.integration.test_scheduler_engine import request, tokens
+    from trtpipe.generation import SamplingParams
+    from trtpipe.generation.scheduler import Scheduler, SchedulerConfig
+    from trtpipe.generation.sessions import decoder_session
+
+    plans = [(PROMPTS[i % len(PROMPTS)], 6 + 3 * i) for i in range(6)]
+    llama = {"generator": generator}
+    expected = [
+        generator.generate([p], SamplingParams(n, greedy=True))[0].token_ids for p, n in plans
+    ]
+    session = decoder_session(staged["engine"], CPU2)
+    session.load()
+    schedulers = [
+        Scheduler(s, generator.pad_id, SchedulerConfig())
+        for s in (session, session.twin())  # type: ignore[attr-defined]
+    ]
+    try:
+        for scheduler in schedulers:
+            scheduler.start()
+        seqs = [request(llama, p, SamplingParams(n, greedy=True)) for p, n in plans]
+        for i, seq in enumerate(seqs):
+            schedulers[i % 2].submit(seq)
+        assert [tokens(seq) for seq in seqs] == expected
+        assert all(s.stats.finished == 3 for s in schedulers)
+    finally:
+        for scheduler in schedulers:
+            scheduler.stop()
+        session.close()

@@ -116,7 +116,10 @@ class Generator:
         engine: str | Path | EngineDir,
         devices: Sequence[Device] | None = None,
         threads: int | None = None,
+        interleave: int = 2,
     ):
+        """``interleave``: sessions per pipeline replica of a staged engine (each with its own
+        cache, sharing the stages), so that many groups of sequences overlap across the stages."""
         from trtpipe.text import load_tokenizer
 
         self.engine = engine if isinstance(engine, EngineDir) else EngineDir(engine)
@@ -126,13 +129,16 @@ class Generator:
         self._decode = fast_decoder(self.tokenizer)
         self.sessions: list[DecoderSession] = []
         # One session per device, or per device group of a pipeline-stage engine.
-        places = session_places(self.engine, self.devices)
-        self.places = [",".join(str(d) for d in group) for group in places]
+        self.places: list[str] = []
         try:
-            for group in places:
+            for group in session_places(self.engine, self.devices):
                 session = decoder_session(self.engine, group, threads)
                 session.load()
                 self.sessions.append(session)
+                twin = getattr(session, "twin", None)  # staged: more sessions, same stages
+                extra = [twin() for _ in range(interleave - 1)] if twin is not None else []
+                self.sessions.extend(extra)
+                self.places.extend([",".join(str(d) for d in group)] * (1 + len(extra)))
         except BaseException:
             self.close()
             raise
