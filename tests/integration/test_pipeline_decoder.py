@@ -269,3 +269,20 @@ def test_two_schedulers_on_twin_sessions_keep_each_requests_tokens(staged: dict,
         for scheduler in schedulers:
             scheduler.stop()
         session.close()
+
+
+def test_fp16_stages_pass_the_fp16_decoder_gate(staged: dict, tmp_path: Path) -> None:
+    """fp16 per stage (AutoCast with each stage's real reference inputs) through the same
+    staged session: the fp16 gate passes and most float work of every stage is fp16."""
+    from trtpipe.compare_decoder import compare_decoder_engine
+
+    engine = build_staged(staged["onnx"], tmp_path / "pp2-fp16", "--fp16")
+    assert engine.manifest.precision == "fp16"
+    for stage in engine.stage_dirs():
+        assert stage.manifest.precision == "fp16"
+        counts = json.loads((stage.path / "build_log.json").read_text())["op_counts"]
+        by_dtype = counts["by_output_dtype"]
+        assert by_dtype["float16"] > 5 * by_dtype.get("float32", 0)
+    report = compare_decoder_engine(engine, new_tokens=8, device=Device("cpu", 0))
+    assert report.passed, report.table()
+    assert report.outputs["logits"].top1_agreement >= 0.95
