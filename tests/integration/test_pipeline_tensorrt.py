@@ -278,6 +278,14 @@ def test_pool_splits_the_cores_over_every_cpu_stage(ort_stages: EngineDir):
         assert isinstance(runner, PipelineRunner) and runner.devices == cpus[2:]
         with runner:
             assert [r.threads for r in runner.stage_runners] == [want, want]  # type: ignore[attr-defined]
+    # serve --no-cpu-spin: the pool factory sets spin on the replica, which hands it on.
+    from trtpipe.server.config import ServeConfig, default_pool_factory
+
+    config = ServeConfig(devices=cpus, cpu_spin=False, warmup=False)
+    runner = default_pool_factory(ort_stages, config).runner_factory(Device("cpu", 0))
+    assert isinstance(runner, PipelineRunner) and runner.spin is False
+    with runner:
+        assert [r.spin for r in runner.stage_runners] == [False, False]  # type: ignore[attr-defined]
 
 
 # ModelOpt probes for ``tensorrt`` when imported: it must be imported before the fakes go in.

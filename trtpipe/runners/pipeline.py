@@ -120,6 +120,9 @@ class PipelineRunner(ManifestRunner):
         if self.micro_batches < 1:
             raise InputError("micro_batches must be >= 1")
         self.threads = threads
+        # CPU stages' idle intra-op threads busy-wait (None: ONNX Runtime's default); serve
+        # --no-cpu-spin sets it on every runner that has it, this one included.
+        self.spin: bool | None = None
         self.stage_runners: list[Runner] = []
         self.last_stats = PipelineStats(len(stage_dirs), busy_s=[0.0] * len(stage_dirs))
         self.total_stats = PipelineStats(len(stage_dirs), busy_s=[0.0] * len(stage_dirs))
@@ -141,6 +144,8 @@ class PipelineRunner(ManifestRunner):
                 runner = runner_for(stage_dir, device)
                 if not device.is_gpu and hasattr(runner, "threads"):
                     runner.threads = threads
+                if self.spin is not None and hasattr(runner, "spin"):
+                    runner.spin = self.spin
                 runner.load()
                 self.stage_runners.append(runner)
         except BaseException:
