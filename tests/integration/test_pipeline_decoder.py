@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.decoders import save_tiny_gpt2, save_tiny_llama
-from tests.integration.test_generation import PROMPTS, hf_greedy
+from tests.integration.test_generation import PROMPTS, hf_greedy, padded
 from trtpipe.cli.main import cli
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir
@@ -29,8 +29,8 @@ SAVERS = {"llama": save_tiny_llama, "gpt2": save_tiny_gpt2}
 CPU2 = [Device("cpu", 0), Device("cpu", 1)]
 
 
-def build_staged(onnx_path: Path, out: Path, *flags: str) -> EngineDir:
-    """``trtpipe build --pipeline-stages 2`` with a small profile."""
+def build_staged(onnx_path: Path, out: Path, *flags: str, stages: int = 2) -> EngineDir:
+    """``trtpipe build --pipeline-stages N`` with a small profile."""
     import onnx
 
     from trtpipe.build.profile import onnx_io_specs
@@ -42,7 +42,7 @@ def build_staged(onnx_path: Path, out: Path, *flags: str) -> EngineDir:
         cli,
         [
             "build", str(onnx_path), "--backend", "onnxruntime", *flags,
-            "--pipeline-stages", "2", "--opt-shapes", "input_ids:4x16",
+            "--pipeline-stages", str(stages), "--opt-shapes", "input_ids:4x16",
             "--max-shapes",
             f"input_ids:{MAX_BATCH}x{MAX_PROMPT},{past.name}:{MAX_BATCH}x{heads}x{MAX_PAST}x{head_dim}",
             "-o", str(out),
@@ -286,3 +286,48 @@ def test_fp16_stages_pass_the_fp16_decoder_gate(staged: dict, tmp_path: Path) ->
     report = compare_decoder_engine(engine, new_tokens=8, device=Device("cpu", 0))
     assert report.passed, report.table()
     assert report.outputs["logits"].top1_agreement >= 0.95
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A 3-layer tiny Llama cut into 3 stages (the middle one takes and gives a hidden state)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.decoders import save_tokenizer
+    from trtpipe.export import export_model
+
+    root = tmp_path_factory.mktemp("pp3-llama")
+    model_dir = root / "model"
+    save_tokenizer(model_dir)
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).eval().save_pretrained(model_dir)
+    onnx_path = export_model(str(model_dir), root / "onnx", task="text-generation-with-past")
+    engine = build_staged(onnx_path, root / "pp3", "--stage-layers", "0-0,1-1,2-2", stages=3)
+    return {"model": model_dir, "engine": engine}
+
+
+def test_three_stages_on_three_workers_equal_hf(llama3: dict) -> None:
+    from trtpipe.generation import Generator, SamplingParams
+    from trtpipe.generation.prompts import tokenize
+
+    engine: EngineDir = llama3["engine"]
+    assert [s["layers"] for s in engine.manifest.stages] == [[0, 0], [1, 1], [2, 2]]
+    for i, stage in enumerate(engine.stage_dirs()):
+        caches = {s.name for s in stage.manifest.inputs if s.name.startswith("past")}
+        assert caches == {f"past_key_values.{i}.key", f"past_key_values.{i}.value"}
+        hidden = [s.name for s in stage.manifest.inputs if s.name.startswith("/")]
+        assert len(hidden) == (0 if i == 0 else 1)
+        assert ("logits" in {o.name for o in stage.manifest.outputs}) == (i == 2)
+    with Generator(engine, [Device("cpu", i) for i in range(3)]) as generator:
+        rows = tokenize(generator.tokenizer, PROMPTS)
+        results = generator.generate(PROMPTS, SamplingParams(16, greedy=True))
+    # A row that meets EOS stops; HF pads it (with the pad id 0) to the batch's length.
+    assert padded(results, 16) == hf_greedy(llama3["model"], rows, 16)
+    assert any(r.finish_reason == "stop" for r in results)
+    assert {r.device for r in results} == {"cpu:0,cpu:1,cpu:2"}
