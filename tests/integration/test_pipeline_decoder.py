@@ -271,21 +271,37 @@ def test_two_schedulers_on_twin_sessions_keep_each_requests_tokens(staged: dict,
         session.close()
 
 
-def test_fp16_stages_pass_the_fp16_decoder_gate(staged: dict, tmp_path: Path) -> None:
-    """fp16 per stage (AutoCast with each stage's real reference inputs) through the same
-    staged session: the fp16 gate passes and most float work of every stage is fp16."""
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_stages_pass_their_decoder_gate(
+    staged: dict, precision: str, tmp_path: Path
+) -> None:
+    """fp16 (AutoCast) and int8 (ONNX Runtime dynamic int8) per stage, each stage calibrated on
+    the fp32 boundary activations of the stages before it, through the same staged session:
+    the fp16 gate passes, int8 stays close to HF."""
     from trtpipe.compare_decoder import compare_decoder_engine
 
-    engine = build_staged(staged["onnx"], tmp_path / "pp2-fp16", "--fp16")
-    assert engine.manifest.precision == "fp16"
+    if precision == "int8" and staged["name"] == "gpt2":
+        # The random tiny GPT-2 fails the int8 gate unsplit as well (top-1 96.7% < 98% on an
+        # AVX2 CPU): a property of int8 on this model, not of the stages.
+        pytest.skip("int8 gate fails for the unsplit random tiny GPT-2 too")
+
+    engine = build_staged(staged["onnx"], tmp_path / f"pp2-{precision}", f"--{precision}")
+    assert engine.manifest.precision == precision
     for stage in engine.stage_dirs():
-        assert stage.manifest.precision == "fp16"
+        assert stage.manifest.precision == precision
         counts = json.loads((stage.path / "build_log.json").read_text())["op_counts"]
-        by_dtype = counts["by_output_dtype"]
-        assert by_dtype["float16"] > 5 * by_dtype.get("float32", 0)
+        if precision == "fp16":  # most float work of every stage is fp16
+            by_dtype = counts["by_output_dtype"]
+            assert by_dtype["float16"] > 5 * by_dtype.get("float32", 0)
     report = compare_decoder_engine(engine, new_tokens=8, device=Device("cpu", 0))
-    assert report.passed, report.table()
-    assert report.outputs["logits"].top1_agreement >= 0.95
+    logits = report.outputs["logits"]
+    if precision == "fp16":
+        assert report.passed, report.table()
+        assert logits.top1_agreement >= 0.95
+    else:
+        # int8 accuracy depends on the CPU's int8 kernels (docs/runtime.md): the gate passed
+        # here (AVX2: cosine 0.9999, top-1 98.6% vs the 98% floor); assert wide of that.
+        assert logits.cosine_min > 0.999 and logits.top1_agreement >= 0.9, report.table()
 
 
 @pytest.fixture(scope="module")
