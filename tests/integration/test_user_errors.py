@@ -296,10 +296,14 @@ def test_port_in_use_is_reported_before_loading(tiny_bert_engine: Path):
 
 
 def test_generation_models_are_named_where_tensor_models_are_asked_for():
+    from types import SimpleNamespace
+
     from trtpipe.server.errors import ModelNotFoundError
     from trtpipe.server.repository import ModelRepository
 
-    repository = ModelRepository([], {"llm": object()})
+    # A stand-in for a ServedGeneration: the repository reads only where its engine lives.
+    llm = SimpleNamespace(generator=SimpleNamespace(engine=SimpleNamespace(path="/engines/llm")))
+    repository = ModelRepository([], {"llm": llm})
     assert repository.names == ["llm"]
     with pytest.raises(ModelNotFoundError, match=r"'llm' is a text-generation engine: use POST "):
         repository.get("llm")

@@ -132,9 +132,18 @@ def test_concurrent_requests_of_mixed_lengths_each_get_their_own_rows() -> None:
     harness = Harness(devices=2, max_queue_delay_ms=5)
     rng = np.random.default_rng(0)
     reqs = [request(i, int(rng.integers(1, 4)), int(rng.integers(1, 65))) for i in range(48)]
+    # Each device holds its first launch until both have one: an instant fake runner on a fast
+    # CPU could otherwise let one device thread take every batch from the shared queue.
+    gates = [harness.hold(0), harness.hold(1)]
 
     async def scenario(batcher: DynamicBatcher) -> list[dict[str, np.ndarray]]:
-        return list(await asyncio.gather(*(batcher.submit(r) for r in reqs)))
+        replies = [asyncio.ensure_future(batcher.submit(r)) for r in reqs]
+        deadline = time.monotonic() + 4
+        while len({d for d, _ in harness.launches}) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        for gate in gates:
+            gate.set()
+        return list(await asyncio.gather(*replies))
 
     outs = run(harness, scenario)
     for feeds, out in zip(reqs, outs, strict=True):

@@ -9,7 +9,11 @@ The runtime's ``args`` are parsed by the real ``trtpipe serve`` command.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +24,37 @@ KSERVE = Path(__file__).resolve().parents[2] / "deploy" / "kserve"
 KINDS = {"ServingRuntime": "V1alpha1ServingRuntime", "InferenceService": "V1beta1InferenceService"}
 PRIMITIVES: dict[str, Any] = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 
-
-def sdk_model(type_name: str) -> Any:
-    """The SDK class of an OpenAPI type name (kserve's own, or the Kubernetes client's)."""
-    import kserve.models
-    import kubernetes.client.models
-
+# Run in a child process: importing ``kserve`` registers its own copy of the KServe v2 gRPC
+# protos ("inference.ServerLiveRequest", ...), which clashes with tritonclient's in the test
+# process (protobuf refuses a second definition of the same symbol).
+SDK_FIELDS = """
+import json, re, kserve.models, kubernetes.client.models
+def model(name):
     for module in (kserve.models, kubernetes.client.models):
-        if hasattr(module, type_name):
-            return getattr(module, type_name)
-    raise AssertionError(f"no SDK model named {type_name}")
+        if hasattr(module, name):
+            return getattr(module, name)
+table, todo = {}, list(ROOTS)
+while todo:
+    name = todo.pop()
+    cls = model(name)
+    if name in table or cls is None:
+        continue
+    table[name] = {key: cls.openapi_types[attr] for attr, key in cls.attribute_map.items()}
+    for kind in table[name].values():
+        todo += [t for t in re.findall(r"[A-Za-z0-9]+", kind) if model(t) is not None]
+print(json.dumps(table))
+"""
+
+
+@functools.cache
+def sdk_fields() -> dict[str, dict[str, str]]:
+    """type name -> {JSON key: OpenAPI type} for every model reachable from the two kinds."""
+    script = f"ROOTS = {sorted(KINDS.values())!r}\n{SDK_FIELDS}"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    table: dict[str, dict[str, str]] = json.loads(done.stdout)
+    return table
 
 
 def check(value: Any, type_name: str, where: str) -> None:
@@ -52,13 +77,13 @@ def check(value: Any, type_name: str, where: str) -> None:
             f"{where} must be a {type_name}, got {value!r}"
         )
         return
-    model = sdk_model(type_name)
+    fields = sdk_fields().get(type_name)
+    assert fields is not None, f"no SDK model named {type_name}"
     assert isinstance(value, dict), f"{where} must be a {type_name} object"
-    fields = {key: attribute for attribute, key in model.attribute_map.items()}
     unknown = sorted(set(value) - set(fields))
     assert not unknown, f"{where}: {unknown} are not fields of {type_name}"
     for key, item in value.items():
-        check(item, model.openapi_types[fields[key]], f"{where}.{key}")
+        check(item, fields[key], f"{where}.{key}")
 
 
 def load(name: str) -> dict[str, Any]:
