@@ -4,8 +4,9 @@ Each stage engine (``trtpipe.build.decoder_stages``) holds only its own layers' 
 step runs the stages in order: stage 0 takes the tokens, mask and positions and hands its hidden
 state on; every later stage takes that hidden state plus the same mask and positions; the last
 returns the logits. Each stage's ``present.*`` stay on its device as the next step's past (ONNX
-Runtime IO binding of OrtValues, as ``OrtDecoderSession``). Between CPU workers the hidden state
-passes as the OrtValue itself; between GPUs it is staged through host memory.
+Runtime IO binding of OrtValues, as ``OrtDecoderSession``; TensorRT stages, in
+``tensorrt_stage``, swap device buffers as ``TensorRTDecoderSession``). Between CPU workers the
+hidden state passes as the OrtValue itself; between GPUs it is staged through host memory.
 
 ``Generator``, the continuous-batching ``Scheduler`` and the decoder gate drive this like any
 session. ``twin()`` gives a second session over the same loaded stages with its own cache: two
@@ -26,7 +27,7 @@ import numpy as np
 from trtpipe.devices import Device, cpu_cores
 from trtpipe.engine import EngineDir, TensorSpec
 from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
-from trtpipe.generation.kv_cache import PAST_RE, CacheTensor, DecoderSession
+from trtpipe.generation.kv_cache import PAST_RE, CacheTensor, DecoderSession, DecoderSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ class DecoderStage:
     """One stage engine loaded on its device; shared by twin sessions, one step at a time."""
 
     def __init__(self, index: int, engine: EngineDir, device: Device, threads: int | None):
-        if engine.manifest.backend != "onnxruntime":
-            raise BackendUnavailableError(
-                f"{engine.path}: staged decoders run on ONNX Runtime stage engines for now "
-                f"(this stage is {engine.manifest.backend}); build with --backend onnxruntime"
-            )
         from trtpipe.runners.onnxruntime import OnnxRuntimeRunner
 
         self.index = index
@@ -69,7 +65,10 @@ class DecoderStage:
     def load(self) -> None:
         self.runner.load()
 
-    def empty_cache(self, batch: int) -> dict[str, Any]:
+    def new_cache(self) -> dict[str, Any]:
+        return {}
+
+    def empty_cache(self, batch: int, past: dict[str, Any]) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {
@@ -84,9 +83,10 @@ class DecoderStage:
 
     def run(
         self, env: dict[str, Any], made_on: dict[str, Device], past: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """One step of this stage: inputs from ``env`` (host arrays or earlier stages'
-        OrtValues) and ``past``; outputs as OrtValues on this device (logits on the host)."""
+        OrtValues) and ``past``; the hidden state as an OrtValue on this device or the last
+        position's logits on the host, and the new past."""
         session = self.runner.session
         if session is None:
             raise RunnerError(f"stage {self.index} on {self.device} is not loaded")
@@ -121,7 +121,30 @@ class DecoderStage:
             finally:
                 self.busy_s += time.perf_counter() - start
                 self.steps += 1
-        return dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        outputs = dict(zip(self.output_names, binding.get_outputs(), strict=True))
+        past = {c.past: outputs.pop(c.present) for c in self.cache}
+        if "logits" in outputs:
+            logits = outputs["logits"].numpy()
+            outputs["logits"] = np.asarray(logits[:, -1, :], dtype=np.float32)
+        return outputs, past
+
+    def read_cache(self, past: dict[str, Any]) -> list[np.ndarray]:
+        return [np.asarray(past[c.past].numpy()) for c in self.cache]
+
+    def write_cache(self, past: dict[str, Any], arrays: list[np.ndarray]) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        return {
+            c.past: ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(array, dtype=np.dtype(c.dtype)),
+                self.device_type,
+                self.device.index,
+            )
+            for c, array in zip(self.cache, arrays, strict=True)
+        }
+
+    def free_cache(self, past: dict[str, Any]) -> None:
+        past.clear()
 
     def _takes(self, value: Any, spec: TensorSpec, source: Device | None) -> bool:
         same_place = not self.device.is_gpu and value.device_name() == "cpu"
@@ -131,6 +154,20 @@ class DecoderStage:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def make_stage(
+    index: int, engine: EngineDir, device: Device, threads: int | None, whole: DecoderSpec
+) -> Any:
+    """The stage for its backend: ONNX Runtime here, TensorRT in ``tensorrt_stage``."""
+    backend = engine.manifest.backend
+    if backend == "onnxruntime":
+        return DecoderStage(index, engine, device, threads)
+    if backend == "tensorrt":
+        from trtpipe.generation.tensorrt_stage import TensorRTDecoderStage  # needs tensorrt
+
+        return TensorRTDecoderStage(index, engine, device, whole)
+    raise BackendUnavailableError(f"{engine.path}: no decoder stage for backend {backend!r}")
 
 
 class StagedDecoderSession(DecoderSession):
@@ -156,7 +193,7 @@ class StagedDecoderSession(DecoderSession):
             cpu_stages = sum(1 for d in self.devices if not d.is_gpu)
             per_stage = threads or (max(1, cpu_cores() // cpu_stages) if cpu_stages else None)
             stages = [
-                DecoderStage(i, stage_dir, device, per_stage)
+                make_stage(i, stage_dir, device, per_stage, self.spec)
                 for i, (stage_dir, device) in enumerate(zip(stage_dirs, self.devices, strict=True))
             ]
         self.stages = stages
@@ -169,7 +206,9 @@ class StagedDecoderSession(DecoderSession):
                 f"{engine.path}: the stages' KV caches do not match the engine's "
                 f"({', '.join(missing) or 'extra stage caches'}); rebuild it"
             )
-        self.past: list[dict[str, Any]] = [{} for _ in stages]
+        # Each stage's cache state of this session (ONNX Runtime: the past OrtValues by name;
+        # TensorRT: its KV device buffers).
+        self.past: list[Any] = [stage.new_cache() for stage in stages]
         self.started_at = time.perf_counter()
 
     def describe(self) -> str:
@@ -194,7 +233,7 @@ class StagedDecoderSession(DecoderSession):
         return StagedDecoderSession(self.engine, self.devices, stages=self.stages)
 
     def start(self, batch: int) -> None:
-        self.past = [stage.empty_cache(batch) for stage in self.stages]
+        self.past = [stage.empty_cache(batch, self.past[stage.index]) for stage in self.stages]
 
     def step(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
@@ -207,29 +246,24 @@ class StagedDecoderSession(DecoderSession):
             env["position_ids"] = np.ascontiguousarray(position_ids, dtype=np.int64)
         made_on: dict[str, Device] = {}
         for stage in self.stages:
-            outputs = stage.run(env, made_on, self.past[stage.index])
-            self.past[stage.index] = {c.past: outputs.pop(c.present) for c in stage.cache}
+            outputs, self.past[stage.index] = stage.run(env, made_on, self.past[stage.index])
             env.update(outputs)
             made_on.update((name, stage.device) for name in outputs)
-        logits = env["logits"].numpy()
-        return np.asarray(logits[:, -1, :], dtype=np.float32)
+        return np.asarray(env["logits"], dtype=np.float32)
 
     def read_cache(self) -> list[np.ndarray]:
-        return [np.asarray(self.past[self.home[c.past]][c.past].numpy()) for c in self.spec.cache]
+        arrays: dict[str, np.ndarray] = {}
+        for stage in self.stages:
+            own = stage.read_cache(self.past[stage.index])
+            arrays.update(zip((c.past for c in stage.cache), own, strict=True))
+        return [arrays[c.past] for c in self.spec.cache]
 
     def write_cache(self, arrays: list[np.ndarray]) -> None:
-        import onnxruntime as ort
-
-        past: list[dict[str, Any]] = [{} for _ in self.stages]
-        kinds = {c.past: c for stage in self.stages for c in stage.cache}
-        for c, array in zip(self.spec.cache, arrays, strict=True):
-            stage = self.stages[self.home[c.past]]
-            past[stage.index][c.past] = ort.OrtValue.ortvalue_from_numpy(
-                np.ascontiguousarray(array, dtype=np.dtype(kinds[c.past].dtype)),
-                stage.device_type,
-                stage.device.index,
-            )
-        self.past = past
+        by_name = {c.past: a for c, a in zip(self.spec.cache, arrays, strict=True)}
+        self.past = [
+            stage.write_cache(self.past[stage.index], [by_name[c.past] for c in stage.cache])
+            for stage in self.stages
+        ]
 
     def bubble(self) -> list[float]:
         """Idle share of each stage since load (0 = always busy), over every twin's steps."""
@@ -239,7 +273,8 @@ class StagedDecoderSession(DecoderSession):
         return [max(0.0, 1.0 - stage.busy_s / wall) for stage in self.stages]
 
     def close(self) -> None:
-        self.past = [{} for _ in self.stages]
+        for stage, past in zip(self.stages, self.past, strict=True):
+            stage.free_cache(past)
         if self.owner:
             for stage in self.stages:
                 stage.close()

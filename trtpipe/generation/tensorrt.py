@@ -78,39 +78,54 @@ class _StepRunner(TensorRTRunner):
         from trtpipe import cuda
 
         with self._lock:
-            if self._context is None:
-                raise RunnerError(f"{self.describe()} was closed")
-            cuda.set_device(self.device.index)
-            context, stream = self._context, self._stream
-            for name, array in feeds.items():
-                device = self._upload_input(cuda, name, array)
-                self._set_address(name, device.ptr)
-            for name, shape in cache_shapes.items():
-                if not context.set_input_shape(name, shape):
-                    raise InputError(
-                        f"KV cache {name!r} shape {list(shape)} is outside the profile"
-                    )
-            others = {
-                name: buffer.ptr
-                for name, buffer in self._device_buffers.items()
-                if name not in addresses and name not in feeds
-            }
-            for name, pointer in {**addresses, **others}.items():
-                self._set_address(name, pointer)
-            if not context.execute_async_v3(stream.handle):
-                raise RunnerError(f"execute_async_v3 failed on {self.device}")
-            batch, seq, vocab = (int(d) for d in context.get_tensor_shape("logits"))
-            host = self._host_buffers["logits"]
-            row = vocab * host.dtype.itemsize
-            device_logits = self._device_buffers["logits"].ptr
-            if seq == 1:
-                cuda.memcpy_dtoh_async(host.ptr, device_logits, batch * row, stream)
-            else:  # only the last position of every row comes back
-                for b in range(batch):
-                    offset = ((b * seq) + seq - 1) * row
-                    cuda.memcpy_dtoh_async(host.ptr + b * row, device_logits + offset, row, stream)
-            stream.synchronize()
-            return np.array(host.view((batch, vocab)), dtype=np.float32)
+            self.execute(feeds, cache_shapes, addresses)
+            return self.last_logits(cuda)
+
+    def execute(
+        self,
+        feeds: dict[str, np.ndarray],
+        cache_shapes: dict[str, tuple[int, ...]],
+        addresses: dict[str, int],
+    ) -> None:
+        """Queue one step (inputs up, shapes and addresses set, the engine run) on the
+        stream; the caller holds ``_lock``, fetches what it needs and synchronizes."""
+        from trtpipe import cuda
+
+        if self._context is None:
+            raise RunnerError(f"{self.describe()} was closed")
+        cuda.set_device(self.device.index)
+        context, stream = self._context, self._stream
+        for name, array in feeds.items():
+            device = self._upload_input(cuda, name, array)
+            self._set_address(name, device.ptr)
+        for name, shape in cache_shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise InputError(f"KV cache {name!r} shape {list(shape)} is outside the profile")
+        others = {
+            name: buffer.ptr
+            for name, buffer in self._device_buffers.items()
+            if name not in addresses and name not in feeds
+        }
+        for name, pointer in {**addresses, **others}.items():
+            self._set_address(name, pointer)
+        if not context.execute_async_v3(stream.handle):
+            raise RunnerError(f"execute_async_v3 failed on {self.device}")
+
+    def last_logits(self, cuda: Any) -> np.ndarray:
+        """The last position's logits of every row -> host (pinned), after one synchronize."""
+        stream = self._stream
+        batch, seq, vocab = (int(d) for d in self._context.get_tensor_shape("logits"))
+        host = self._host_buffers["logits"]
+        row = vocab * host.dtype.itemsize
+        device_logits = self._device_buffers["logits"].ptr
+        if seq == 1:
+            cuda.memcpy_dtoh_async(host.ptr, device_logits, batch * row, stream)
+        else:  # only the last position of every row comes back
+            for b in range(batch):
+                offset = ((b * seq) + seq - 1) * row
+                cuda.memcpy_dtoh_async(host.ptr + b * row, device_logits + offset, row, stream)
+        stream.synchronize()
+        return np.array(host.view((batch, vocab)), dtype=np.float32)
 
     def download(self, pointer: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
         """Device memory at ``pointer`` -> a host array, through a pinned buffer freed after."""
