@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -232,4 +233,36 @@ def test_generate_cli_on_two_fake_gpus(
     rows = tokenize(ort_generator.tokenizer, PROMPTS[:2])
     assert [r["token_ids"] for r in data["results"]] == hf_greedy(llama["model"], rows, 8)
     assert all(r["device"] == "cuda:0,cuda:1" for r in data["results"])
+    assert two_gpus.leaks() == {"device": 0, "host": 0, "streams": 0}
+
+
+def test_kv_room_and_cache_shapes_refused_with_a_message(two_gpus: FakeGpu, llama: dict) -> None:
+    """A step past the engine's KV room or a cache of the wrong shape is one InputError that
+    says why, before any device work; the session still steps and closes cleanly after."""
+    from trtpipe.errors import InputError
+    from trtpipe.generation.sessions import decoder_session
+
+    session = decoder_session(llama["trt"], GPUS)
+    session.load()
+    try:
+        heads, head_dim = 2, 8
+        full = [np.zeros((1, heads, MAX_PAST - 4, head_dim), np.float32) for _ in range(4)]
+        session.write_cache(full)
+        ids = np.ones((1, 8), np.int64)
+        mask = np.ones((1, MAX_PAST + 4), np.int64)
+        positions = np.arange(MAX_PAST - 4, MAX_PAST + 4, dtype=np.int64)[None]
+        with pytest.raises(InputError, match="exceed the engine's KV room of 64 positions"):
+            session.step(ids, mask, positions)
+        # Layer 0 fine alone (length 10), layer 1 with 3 heads: refused before stage 0's cache
+        # is touched.
+        short = np.zeros((1, heads, 10, head_dim), np.float32)
+        wrong = [short, short, short, np.zeros((1, 3, 10, head_dim), np.float32)]
+        with pytest.raises(InputError, match="has shape"):
+            session.write_cache(wrong)
+        assert [a.shape[2] for a in session.read_cache()] == [MAX_PAST - 4] * 4
+        session.start(1)
+        logits = session.step(ids, mask[:, :8], positions[:, :8] - (MAX_PAST - 4))
+        assert logits.shape == (1, 320) and np.isfinite(logits).all()
+    finally:
+        session.close()
     assert two_gpus.leaks() == {"device": 0, "host": 0, "streams": 0}

@@ -259,6 +259,15 @@ class StagedDecoderSession(DecoderSession):
         return [arrays[c.past] for c in self.spec.cache]
 
     def write_cache(self, arrays: list[np.ndarray]) -> None:
+        """Scatter the cache to the stages, checked whole first so no stage is left with a
+        cache of another batch or length than the others."""
+        if len(arrays) != len(self.spec.cache) or not arrays:
+            raise InputError(f"expected {len(self.spec.cache)} cache arrays, got {len(arrays)}")
+        batch, _, past, _ = (int(d) for d in arrays[0].shape)
+        for c, array in zip(self.spec.cache, arrays, strict=True):
+            want = (batch, c.heads, past, c.head_dim)
+            if tuple(array.shape) != want:
+                raise InputError(f"cache array for {c.past} has shape {array.shape}, want {want}")
         by_name = {c.past: a for c, a in zip(self.spec.cache, arrays, strict=True)}
         self.past = [
             stage.write_cache(self.past[stage.index], [by_name[c.past] for c in stage.cache])
