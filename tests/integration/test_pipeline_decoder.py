@@ -347,3 +347,33 @@ def test_three_stages_on_three_workers_equal_hf(llama3: dict) -> None:
     assert padded(results, 16) == hf_greedy(llama3["model"], rows, 16)
     assert any(r.finish_reason == "stop" for r in results)
     assert {r.device for r in results} == {"cpu:0,cpu:1,cpu:2"}
+
+
+def test_serve_runs_the_staged_decoder_with_continuous_batching(staged: dict, generator) -> None:
+    """``trtpipe serve`` of a staged decoder on cpu:0,cpu:1: one pipeline replica, two
+    interleaved schedulers; concurrent OpenAI completions each get the offline greedy text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.server_utils import start_server
+    from trtpipe.generation import SamplingParams
+
+    expected = [r.text for r in generator.generate(PROMPTS, SamplingParams(MAX_NEW, greedy=True))]
+    thread = start_server([str(staged["engine"].path)], devices=2, grpc=False)
+    try:
+        url = f"http://127.0.0.1:{thread.server.http_port}"
+        name = staged["engine"].path.name
+
+        def complete(prompt: str) -> str:
+            body = {"model": name, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0}
+            reply = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return str(reply.json()["choices"][0]["text"])
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(complete, PROMPTS)) == expected
+        ready = httpx.get(f"{url}/v2/models/{name}/ready", timeout=10)
+        assert ready.status_code == 200
+    finally:
+        thread.stop()
