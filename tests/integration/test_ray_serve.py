@@ -58,10 +58,12 @@ def ray_port(engines: Path) -> Iterator[int]:
     port = free_port()
     # Ray Serve gives its HTTP proxy 5 s to import and answer a readiness check; on a loaded
     # 2-core machine that import alone can take longer, and the proxy is then killed in a loop.
-    # The raylet and its workers inherit this environment from ray.init.
+    # Ray also runs its workers (the replicas) at nice 15: beside other work on two cores they
+    # starve for minutes. The raylet and its workers inherit this environment from ray.init.
     slow_machine = {
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
         "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120",
+        "RAY_worker_niceness": "0",
     }
     saved = {name: os.environ.get(name) for name in slow_machine}
     os.environ.update(slow_machine)
