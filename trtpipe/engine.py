@@ -10,8 +10,8 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -255,19 +255,23 @@ def atomic_directory(
             "refusing to replace it: choose a new -o path"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # Registered before it exists and until it is renamed into place, so a signal landing
+    # between two of these lines still finds it (a SIGTERM right after mkdtemp used to leave it).
+    # The pid keeps the name unique among processes, the random part within this one.
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     _PARTIAL_DIRS.add(tmp)
     try:
+        tmp.mkdir(mode=0o700)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
         _PARTIAL_DIRS.discard(tmp)
+        raise
     backup = None
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.rename(final, backup)
     os.rename(tmp, final)
+    _PARTIAL_DIRS.discard(tmp)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

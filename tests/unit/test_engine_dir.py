@@ -1,5 +1,6 @@
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,27 @@ def test_device_parsing():
             parse_devices(bad)
     with pytest.raises(InputError, match="twice"):
         parse_gpus("1,1")
+
+
+def test_a_signal_right_after_the_temp_dir_is_made_still_removes_it(tmp_path, monkeypatch):
+    """The signal handler (remove_partial_dirs, then exit) can run between any two lines: the
+    temp dir must be known to it from the moment it exists (a SIGTERM in that gap left it)."""
+    from trtpipe import engine
+
+    class Killed(BaseException):
+        pass
+
+    made: list[Path] = []
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self: Path, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(self, *args, **kwargs)
+        if self.name.startswith(".out.tmp-"):
+            made.append(self)
+            engine.remove_partial_dirs()  # what the handler does before os._exit
+            raise Killed
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    with pytest.raises(Killed), engine.atomic_directory(tmp_path / "out"):
+        pytest.fail("the block must not run")
+    assert made and list(tmp_path.iterdir()) == []
