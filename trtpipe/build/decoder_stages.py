@@ -26,6 +26,7 @@ from typing import Any
 from trtpipe.build.stages import (
     StagePlan,
     extract_stage,
+    fill_stage_inputs,
     initializer_bytes,
     node_positions,
     plan_stages,
@@ -78,26 +79,7 @@ def _fill_decoder_io(graph: Any, plans: list[StagePlan]) -> None:
         src = producer.get(value.name)
         owner = max(node_stage[src], 0) if src is not None else plans[-1].index
         plans[owner].outputs.append(value.name)
-    graph_inputs = [v.name for v in graph.input]
-    order = {n: i for i, n in enumerate(graph_inputs)}
-    available: set[str] = set()
-    for plan in plans:
-        needed: list[str] = []
-        seen: set[str] = set()
-        stack = list(plan.outputs)
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            if name in available or (name in order and name not in producer):
-                needed.append(name)
-                continue
-            src = producer.get(name)
-            if src is not None:
-                stack.extend(n for n in graph.node[src].input if n)
-        plan.inputs = sorted(needed, key=lambda n: (n not in order, order.get(n, 0), n))
-        available.update(plan.outputs)
+    fill_stage_inputs(graph, plans, producer)
 
 
 def token_stream(graph: Any) -> set[str]:

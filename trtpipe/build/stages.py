@@ -202,7 +202,6 @@ def _fill_io(graph: Any, plans: list[StagePlan]) -> None:
     for i, node in enumerate(graph.node):
         for name in node.output:
             producer[name] = i
-    graph_inputs = [v.name for v in graph.input]
     graph_outputs = [v.name for v in graph.output]
 
     def stage_of(pos: int) -> int:
@@ -222,6 +221,13 @@ def _fill_io(graph: Any, plans: list[StagePlan]) -> None:
             if name not in made_by.outputs:
                 made_by.outputs.append(name)
     plans[-1].outputs = list(graph_outputs)
+    fill_stage_inputs(graph, plans, producer)
+
+
+def fill_stage_inputs(graph: Any, plans: list[StagePlan], producer: dict[str, int]) -> None:
+    """Each stage's inputs: the graph inputs and earlier stages' outputs it reaches walking
+    back from its own outputs (graph inputs first, in the graph's order)."""
+    order = {v.name: i for i, v in enumerate(graph.input)}
     available: set[str] = set()
     for plan in plans:
         needed: list[str] = []
@@ -232,13 +238,12 @@ def _fill_io(graph: Any, plans: list[StagePlan]) -> None:
             if name in seen:
                 continue
             seen.add(name)
-            if name in available or (name in graph_inputs and name not in producer):
+            if name in available or (name in order and name not in producer):
                 needed.append(name)
                 continue
             src = producer.get(name)
             if src is not None:
                 stack.extend(n for n in graph.node[src].input if n)
-        order = {n: i for i, n in enumerate(graph_inputs)}
         plan.inputs = sorted(needed, key=lambda n: (n not in order, order.get(n, 0), n))
         available.update(plan.outputs)
 
