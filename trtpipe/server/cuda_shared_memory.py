@@ -29,8 +29,13 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from trtpipe.errors import InputError, TrtpipeError
-from trtpipe.server.shared_memory import SharedMemoryError, SystemSharedMemory
+from trtpipe.errors import TrtpipeError
+from trtpipe.server.shared_memory import (
+    SharedMemoryError,
+    SystemSharedMemory,
+    enabled_registry,
+    json_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +187,12 @@ def cuda_shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
     """``/v2/cudasharedmemory[/region/{name}]/status|register|unregister``."""
     import asyncio
 
-    import orjson
-
     router = APIRouter()
 
     def enabled() -> SystemSharedMemory:
-        if registry is None:
-            raise InputError(OFF_MESSAGE)
-        return registry
+        return enabled_registry(registry, OFF_MESSAGE)  # the CUDA extension's own wording
 
-    def ok(body: Any = None) -> Response:
-        return Response(b"" if body is None else orjson.dumps(body), media_type="application/json")
+    ok = json_reply
 
     @router.get("/v2/cudasharedmemory/status")
     @router.get("/v2/cudasharedmemory/region/{name}/status")

@@ -242,20 +242,31 @@ def shared_memory_ref(params: dict[str, Any], tensor: str) -> SharedMemoryRef | 
 
 
 # -- HTTP routes ---------------------------------------------------------------------------------
+def enabled_registry(
+    registry: SystemSharedMemory | None, off_message: str = OFF_MESSAGE
+) -> SystemSharedMemory:
+    """The registry, or the 400 saying the extension is off (``--allow-shared-memory``)."""
+    if registry is None:
+        raise InputError(off_message)
+    return registry
+
+
+def json_reply(body: Any = None) -> Response:
+    """A shared-memory route's answer: empty, or ``body`` as JSON."""
+    import orjson
+
+    return Response(b"" if body is None else orjson.dumps(body), media_type="application/json")
+
+
 def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
     """``/v2/systemsharedmemory[/region/{name}]/status|register|unregister`` (and the same
     under ``/v2/cudasharedmemory``)."""
-    import orjson
-
     router = APIRouter()
 
     def enabled() -> SystemSharedMemory:
-        if registry is None:
-            raise InputError(OFF_MESSAGE)
-        return registry
+        return enabled_registry(registry)
 
-    def ok(body: Any = None) -> Response:
-        return Response(b"" if body is None else orjson.dumps(body), media_type="application/json")
+    ok = json_reply
 
     @router.get("/v2/systemsharedmemory/status")
     @router.get("/v2/systemsharedmemory/region/{name}/status")
