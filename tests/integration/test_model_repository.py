@@ -223,9 +223,13 @@ def test_unload_drains_requests_in_flight(explicit: ServerThread):
         with ThreadPoolExecutor(len(xs) + 1) as executor:
             futures = [executor.submit(one, x) for x in xs]
             deadline = time.monotonic() + 20
-            while GATE.rows + model.pending < len(xs) and time.monotonic() < deadline:
+
+            def reached() -> int:  # on the device, prepared ahead of it, or queued
+                return GATE.rows + model.pool.waiting_rows + model.pending
+
+            while reached() < len(xs) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert GATE.rows + model.pending == len(xs), "requests did not reach the model"
+            assert reached() == len(xs), "requests did not reach the model"
             unload = executor.submit(  # tritonclient's HTTP client stays on its own thread
                 lambda: httpclient.InferenceServerClient(f"127.0.0.1:{http_port}").unload_model(
                     "beta"

@@ -212,11 +212,13 @@ def test_full_queue_is_rejected_without_waiting_for_the_device(tiny_bert_engine:
     model = thread.server.repository.models[MODEL]
     try:
         feeds = random_feeds(np.random.default_rng(8), 1, 6)
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
             running = pool.submit(infer, thread, feeds)
             assert entered.acquire(timeout=30)  # on the device, held there
+            ahead = pool.submit(infer, thread, feeds)  # the batch prepared ahead of the device
+            wait_for(lambda: model.batcher.inflight_batches == 2, "the batch prepared ahead")
             queued = pool.submit(infer, thread, feeds)
-            wait_for(lambda: model.pending == 1, "the second request to take the queue slot")
+            wait_for(lambda: model.pending == 1, "the third request to take the queue slot")
             status, doc = infer(thread, feeds)
             assert status == 503 and "queue is full" in doc["error"]
             client = grpcclient.InferenceServerClient(f"127.0.0.1:{thread.server.grpc_port}")
@@ -228,7 +230,7 @@ def test_full_queue_is_rejected_without_waiting_for_the_device(tiny_bert_engine:
             # both rejections came back while the device was still held: nothing waited for it
             assert not running.done() and not queued.done() and model.pending == 1
             gate.set()
-            assert running.result()[0] == 200 and queued.result()[0] == 200
+            assert [f.result()[0] for f in (running, ahead, queued)] == [200, 200, 200]
     finally:
         gate.set()
         thread.stop()

@@ -190,8 +190,11 @@ def test_max_batch_size_is_capped_at_the_profile_maximum() -> None:
     assert run(harness, scenario) == 8
 
 
-def test_short_and_long_requests_are_grouped_apart_and_padded_to_buckets() -> None:
-    harness = Harness(max_queue_delay_ms=30, adaptive_delay=False)
+def test_short_and_long_requests_are_launched_apart_and_padded_to_buckets() -> None:
+    # GPU-style rule: lengths rounded up to 8, up to half of a launch may be padding
+    harness = Harness(
+        max_queue_delay_ms=30, adaptive_delay=False, bucket_multiple=8, max_padding_share=0.5
+    )
     lengths = [3, 5, 60, 6, 50, 2]
     reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
 
@@ -202,13 +205,36 @@ def test_short_and_long_requests_are_grouped_apart_and_padded_to_buckets() -> No
             assert out["token_out"].shape == feeds["input_ids"].shape
 
     run(harness, scenario)
-    # short ones (group 8) padded to 8, long ones (group 64) padded to 64 (60 -> 64)
+    # the short ones padded to 8, the long ones to 64 (60 -> 64)
     assert sorted(shape for _, shape in harness.launches) == [(2, 64), (4, 8)]
     assert harness.batcher.stats.padded_tokens == (8 * 4 - 16) + (128 - 110)
 
 
+def test_cpu_rule_launches_near_lengths_together_with_little_padding() -> None:
+    # CPU rule: exact longest, at most 10% padding; the oldest request is in the first launch
+    harness = Harness(
+        max_queue_delay_ms=30, adaptive_delay=False, bucket_multiple=1, max_padding_share=0.1
+    )
+    lengths = [20, 40, 21, 5, 39, 19, 6, 41]
+    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+
+    run(harness, scenario)
+    assert harness.launches[0][1] == (3, 21)  # 20 (oldest), 21, 19
+    assert sorted(shape for _, shape in harness.launches) == [(2, 6), (3, 21), (3, 41)]
+    stats = harness.batcher.stats
+    assert stats.padded_tokens == (63 - 60) + (123 - 120) + (12 - 11)
+    assert stats.padding_ratio < 0.1
+
+
 def test_left_padding_cuts_per_token_outputs_from_the_right_place() -> None:
-    harness = Harness(max_queue_delay_ms=30, adaptive_delay=False, padding_side="left")
+    harness = Harness(
+        max_queue_delay_ms=30, adaptive_delay=False, padding_side="left", max_padding_share=0.9
+    )
     reqs = [request(1, 2, 3), request(2, 1, 7)]
     captured: dict[str, np.ndarray] = {}
     runner_infer = RecordingRunner._infer
@@ -262,8 +288,10 @@ def test_full_queue_is_rejected_quickly() -> None:
 
     async def scenario(batcher: DynamicBatcher) -> None:
         gate = harness.hold()
-        first = asyncio.ensure_future(batcher.submit(request(0, 8, 4)))  # fills the device
+        # fill the device and the batch prepared ahead of it
+        first = [asyncio.ensure_future(batcher.submit(request(k, 8, 4))) for k in (0, 10)]
         await asyncio.sleep(0.05)
+        assert batcher.pending == 0 and batcher.inflight_batches == 2
         queued = [asyncio.ensure_future(batcher.submit(request(i, 1, 4))) for i in range(1, 5)]
         await asyncio.sleep(0.01)
         assert batcher.pending == 4
@@ -272,13 +300,14 @@ def test_full_queue_is_rejected_quickly() -> None:
             await batcher.submit(request(9, 1, 4))
         assert time.perf_counter() - started < 0.05
         gate.set()
-        check(request(0, 8, 4), await first)
+        for k, task in zip((0, 10), first, strict=True):
+            check(request(k, 8, 4), await task)
         for i, task in enumerate(queued, start=1):
             check(request(i, 1, 4), await task)
 
     run(harness, scenario)
     assert harness.batcher.stats.rejected_queue_full == 1
-    assert harness.batcher.stats.request_success == 5
+    assert harness.batcher.stats.request_success == 6
 
 
 def test_request_waiting_too_long_times_out() -> None:
@@ -286,14 +315,15 @@ def test_request_waiting_too_long_times_out() -> None:
 
     async def scenario(batcher: DynamicBatcher) -> float:
         gate = harness.hold()
-        busy = asyncio.ensure_future(batcher.submit(request(0, 8, 4)))
+        # the device and the batch prepared ahead of it are full
+        busy = [asyncio.ensure_future(batcher.submit(request(k, 8, 4))) for k in (0, 10)]
         await asyncio.sleep(0.02)
         started = time.perf_counter()
         with pytest.raises(RequestTimeoutError, match=r"within 0\.2 s .*in the queue"):
             await batcher.submit(request(1, 1, 4))
         waited = time.perf_counter() - started
         gate.set()
-        await asyncio.gather(busy, return_exceptions=True)
+        await asyncio.gather(*busy, return_exceptions=True)
         return waited
 
     waited = run(harness, scenario)
@@ -339,7 +369,7 @@ def test_stop_without_drain_fails_the_queued_requests() -> None:
         batcher = harness.batcher
         await batcher.start()
         gate = harness.hold()
-        tasks = [asyncio.ensure_future(batcher.submit(request(i, 1, 4))) for i in range(3)]
+        tasks = [asyncio.ensure_future(batcher.submit(request(i, 1, 4))) for i in range(4)]
         await asyncio.sleep(0.05)
         stopping = asyncio.ensure_future(batcher.stop(drain=False))
         await asyncio.sleep(0.01)
@@ -351,8 +381,10 @@ def test_stop_without_drain_fails_the_queued_requests() -> None:
         results = asyncio.run(main())
     finally:
         harness.pool.close()
-    check(request(0, 1, 4), results[0])  # was running: finished
-    assert all(isinstance(r, BatcherStoppedError) for r in results[1:])
+    # running and prepared ahead (already launched): finished; still queued: refused
+    check(request(0, 1, 4), results[0])
+    check(request(1, 1, 4), results[1])
+    assert all(isinstance(r, BatcherStoppedError) for r in results[2:])
 
 
 @pytest.mark.parametrize("policy", ["shared_queue", "round_robin"])

@@ -131,12 +131,58 @@ def agreement_floor(precision: str) -> float:
     return 0.999 if precision in ("fp32", "fp16") else 0.98
 
 
+async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
+    """The model's statistics document (Triton's format), read over HTTP."""
+    import aiohttp
+
+    from trtpipe.bench.online import _model_stats
+
+    url = config.url if "://" in config.url else f"http://{config.url}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/v2/models/{config.model}/stats") as response,
+    ):
+        return _model_stats(await response.json(), config.model) if response.ok else {}
+
+
+def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """What the server did between two statistics documents: launches, their average size and
+    the share of the wall time the engine was running (summed over devices), which says
+    whether a gap is the engine's (busy near 1) or the front end's (the engine waits)."""
+
+    def launches(doc: dict[str, Any]) -> int:
+        return sum(
+            int(b.get("compute_infer", {}).get("count", 0)) for b in doc.get("batch_stats", [])
+        )
+
+    def engine_ns(doc: dict[str, Any]) -> int:  # inside runner.infer, on the device threads
+        return sum(int(d.get("compute_ns", 0)) for d in doc.get("devices", []))
+
+    if not before or not after:
+        return {}
+    count = launches(after) - launches(before)
+    busy_ns = engine_ns(after) - engine_ns(before)
+    rows = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    tokens = {
+        key: after.get("tokens", {}).get(key, 0) - before.get("tokens", {}).get(key, 0)
+        for key in ("real", "padding")
+    }
+    launched = tokens["real"] + tokens["padding"]
+    return {
+        "padding_share": tokens["padding"] / launched if launched else None,
+        "launches": count,
+        "average_batch_size": rows / count if count else None,
+        "engine_busy_share": busy_ns / 1e9 / elapsed if elapsed > 0 else None,
+    }
+
+
 async def _level(
     client: Client, config: ServedTextConfig, offline: Offline, concurrency: int
 ) -> dict[str, Any]:
     texts, count = config.texts, len(config.texts)
     floor = agreement_floor(offline.precision)
     await asyncio.gather(*(client.embed(i) for i in range(concurrency)))  # warm connections
+    stats_before = await _server_stats(config)
     latencies: list[float] = []
     wrong: list[int] = []
     errors: list[str] = []
@@ -167,6 +213,7 @@ async def _level(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     client_cpu = (time.process_time() - cpu0) / elapsed
+    server = server_split(stats_before, await _server_stats(config), elapsed)
     if not latencies:
         raise InputError(f"every request failed ({errors[0] if errors else '?'})")
     rate = len(latencies) / elapsed
@@ -182,6 +229,7 @@ async def _level(
         "of_offline_arrival": ratio(rate, offline.arrival_per_s.get(concurrency, 0.0)),
         "client_cpu_share": client_cpu / (os.cpu_count() or 1),
         "texts": len(texts),
+        "server": server,
     }
 
 
@@ -254,7 +302,8 @@ def served_text_table(data: dict[str, Any]) -> str:
         f"offline, same engine and sentences: sorted {offline['sorted_sentences_per_s']:.1f}/s, "
         f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms",
         f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10}",
+        f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10} "
+        f"{'avg batch':>9} {'padding':>7} {'engine busy':>11}",
     ]
     for proto in data["protocols"]:
         for level in proto["levels"]:
@@ -264,7 +313,10 @@ def served_text_table(data: dict[str, Any]) -> str:
                 f"{_pct(level['of_offline_arrival']):>10} "
                 f"{level['latency_ms']['p50_ms']:>8.2f} {level['latency_ms']['p99_ms']:>8.2f} "
                 f"{level['wrong_replies']:>6} {level['errors']:>6} "
-                f"{_pct(level['client_cpu_share']):>10}"
+                f"{_pct(level['client_cpu_share']):>10} "
+                f"{_batch(level.get('server', {}).get('average_batch_size')):>9} "
+                f"{_pct(level.get('server', {}).get('padding_share')):>7} "
+                f"{_pct(level.get('server', {}).get('engine_busy_share')):>11}"
             )
             if "overhead_p50_ms" in level:
                 runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
@@ -277,3 +329,7 @@ def served_text_table(data: dict[str, Any]) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _batch(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"

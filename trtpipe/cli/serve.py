@@ -72,6 +72,12 @@ import click
 )
 @click.option("--max-queue-delay-ms", type=click.FloatRange(0), default=2.0, show_default=True)
 @click.option(
+    "--max-padding-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Largest share of a launch that may be padding: a launch takes the oldest request and "
+    "its nearest neighbours in length within it (default: 0.1 on CPUs, 0.5 on GPUs).",
+)
+@click.option(
     "--max-queue-size",
     type=click.IntRange(1),
     default=1024,
@@ -160,6 +166,7 @@ def command(
     null_runner: bool,
     cpu_threads: int | None = None,
     cpu_spin: bool = True,
+    max_padding_share: float | None = None,
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
     allow_shared_memory: bool = False,
@@ -200,6 +207,7 @@ def command(
         null_runner=null_runner,
         threads_per_cpu_worker=cpu_threads,
         cpu_spin=cpu_spin,
+        max_padding_share=max_padding_share,
     )
     if null_runner:
         click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)

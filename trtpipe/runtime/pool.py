@@ -258,6 +258,13 @@ class DevicePool:
     def healthy_count(self) -> int:
         return sum(1 for w in self._workers if w.healthy)
 
+    @property
+    def waiting_rows(self) -> int:
+        """Rows of the batches handed to the pool that no device has started yet."""
+        with self._lock:
+            jobs = [*self._shared, *(job for w in self._workers for job in w.dealt)]
+            return sum(batch_rows(job.feeds, self.inputs) for job in jobs)
+
     def devices_status(self) -> list[dict[str, Any]]:
         with self._lock:
             return [w.status() for w in self._workers]

@@ -29,6 +29,23 @@ class ServeConfig:
     threads_per_cpu_worker: int | None = None
     # CPU workers' idle intra-op threads busy-wait (ONNX Runtime's default) or sleep.
     cpu_spin: bool = True
+    # Largest share of a launch that may be padding (None: by device kind, see padding_rule).
+    max_padding_share: float | None = None
+
+    def padding_rule(self) -> tuple[int, float]:
+        """(multiple the padded length is rounded up to, largest padding share of a launch).
+
+        On CPUs time follows tokens, so launches are padded to their exact longest request and
+        kept within 10% padding; GPUs keep lengths in multiples of 8 (tensor-core tiles) and
+        accept more padding for bigger batches, since each launch has a fixed cost.
+        """
+        from trtpipe.runtime.batch_plan import CPU_MAX_PADDING_SHARE, GPU_MAX_PADDING_SHARE
+
+        gpu = any(d.is_gpu for d in self.devices)
+        share = GPU_MAX_PADDING_SHARE if gpu else CPU_MAX_PADDING_SHARE
+        if self.max_padding_share is not None:
+            share = self.max_padding_share
+        return (8 if gpu else 1), share
 
     def generation(self) -> Any:
         """The continuous-batching scheduler options of a generation model (same limits)."""

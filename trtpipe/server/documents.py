@@ -150,6 +150,11 @@ def model_statistics(model: ServedFacts) -> dict[str, Any]:
         "memory_usage": [],
         "pending_request_count": model.pending,
         "average_batch_size": stats.get("average_batch_size", 0.0),
+        # trtpipe's own: sequence positions launched for real tokens and for padding.
+        "tokens": {
+            "real": int(stats.get("real_tokens", 0)),
+            "padding": int(stats.get("padded_tokens", 0)),
+        },
         "devices": model.devices_status(),
     }
 

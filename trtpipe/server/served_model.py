@@ -85,6 +85,7 @@ class ServedModel:
         await asyncio.to_thread(self.pool.start)
         if self.text is not None:
             await asyncio.to_thread(self.text.load)
+        bucket_multiple, max_padding_share = self.config.padding_rule()
         self.batcher = DynamicBatcher(
             self.pool,
             BatcherConfig(
@@ -92,6 +93,8 @@ class ServedModel:
                 max_queue_delay_ms=self.config.max_queue_delay_ms,
                 max_queue_size=self.config.max_queue_size,
                 timeout_s=self.config.timeout_s,
+                bucket_multiple=bucket_multiple,
+                max_padding_share=max_padding_share,
             ),
             hooks=self._batch_hooks,
         )
