@@ -224,8 +224,8 @@ def test_unload_drains_requests_in_flight(explicit: ServerThread):
             futures = [executor.submit(one, x) for x in xs]
             deadline = time.monotonic() + 20
 
-            def reached() -> int:  # on the device, prepared ahead of it, or queued
-                return GATE.rows + model.pool.waiting_rows + model.pending
+            def reached() -> int:  # on the device, or pending (prepared ahead of it, or queued)
+                return GATE.rows + model.pending
 
             while reached() < len(xs) and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -218,7 +218,7 @@ def test_full_queue_is_rejected_without_waiting_for_the_device(tiny_bert_engine:
             ahead = pool.submit(infer, thread, feeds)  # the batch prepared ahead of the device
             wait_for(lambda: model.batcher.inflight_batches == 2, "the batch prepared ahead")
             queued = pool.submit(infer, thread, feeds)
-            wait_for(lambda: model.pending == 1, "the third request to take the queue slot")
+            wait_for(lambda: model.batcher.pending == 1, "the third request to take the queue slot")
             status, doc = infer(thread, feeds)
             assert status == 503 and "queue is full" in doc["error"]
             client = grpcclient.InferenceServerClient(f"127.0.0.1:{thread.server.grpc_port}")
@@ -228,7 +228,8 @@ def test_full_queue_is_rejected_without_waiting_for_the_device(tiny_bert_engine:
                 client.infer(MODEL, [item])
             assert error.value.status() == "StatusCode.UNAVAILABLE"
             # both rejections came back while the device was still held: nothing waited for it
-            assert not running.done() and not queued.done() and model.pending == 1
+            assert not running.done() and not queued.done() and model.batcher.pending == 1
+            assert model.pending == 2  # the batch prepared ahead and the queued request
             gate.set()
             assert [f.result()[0] for f in (running, ahead, queued)] == [200, 200, 200]
     finally:

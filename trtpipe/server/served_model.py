@@ -184,7 +184,11 @@ class ServedModel:
 
     @property
     def pending(self) -> int:
-        return int(self.batcher.pending) if self.batcher is not None else 0
+        """Requests accepted and not yet on a device: queued, plus the rows of the batch
+        prepared ahead of the devices (one row per request for batch-1 traffic)."""
+        if self.batcher is None:
+            return 0
+        return int(self.batcher.pending) + int(self.pool.waiting_rows)
 
     def devices_status(self) -> list[dict[str, Any]]:
         return [
