@@ -331,16 +331,7 @@ class DynamicBatcher:
             if rows >= self.max_batch_size:
                 break
         left.extend(group)
-        if left:
-            self._groups[key] = left
-            self._group_rows[key] -= rows
-        else:
-            del self._groups[key]
-            del self._group_rows[key]
-        self._pending -= len(batch)
-        for request in batch:
-            request.state = "running"
-        return batch
+        return self._detach(key, batch, left)
 
     def _take_nearest(self, key: tuple[Any, ...]) -> list[_Request]:
         """The oldest request and its nearest neighbours in length (``batch_plan``)."""
@@ -353,11 +344,16 @@ class DynamicBatcher:
             self.config.bucket_multiple,
             self._layout.max_seq if self._layout is not None else None,
         )
-        batch = [group[i] for i in picked]
         chosen = set(picked)
-        left = [r for i, r in enumerate(group) if i not in chosen]
+        left = deque(r for i, r in enumerate(group) if i not in chosen)
+        return self._detach(key, [group[i] for i in picked], left)
+
+    def _detach(
+        self, key: tuple[Any, ...], batch: list[_Request], left: deque[_Request]
+    ) -> list[_Request]:
+        """Take ``batch`` out of its group (``left`` is what stays queued), mark it running."""
         if left:
-            self._groups[key] = deque(left)
+            self._groups[key] = left
             self._group_rows[key] -= sum(r.rows for r in batch)
         else:
             del self._groups[key]
