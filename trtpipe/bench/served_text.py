@@ -150,17 +150,12 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
     the share of the wall time the engine was running (summed over devices), which says
     whether a gap is the engine's (busy near 1) or the front end's (the engine waits)."""
 
-    def launches(doc: dict[str, Any]) -> int:
-        return sum(
-            int(b.get("compute_infer", {}).get("count", 0)) for b in doc.get("batch_stats", [])
-        )
-
     def engine_ns(doc: dict[str, Any]) -> int:  # inside runner.infer, on the device threads
         return sum(int(d.get("compute_ns", 0)) for d in doc.get("devices", []))
 
     if not before or not after:
         return {}
-    count = launches(after) - launches(before)
+    count = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
     busy_ns = engine_ns(after) - engine_ns(before)
     rows = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
     tokens = {
