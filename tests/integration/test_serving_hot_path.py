@@ -181,6 +181,11 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         c1 = proto["levels"][0]
         assert len(c1["overhead_p50_ms_runs"]) == 3
         assert c1["overhead_p50_ms"] == sorted(c1["overhead_p50_ms_runs"])[1]
+        # Each run is paired with a direct batch-1 call taken right after it (threads=1 here).
+        assert c1["direct_threads"] == 1 and all(d > 0 for d in c1["direct_p50_ms_runs"])
+        assert c1["overhead_p50_ms_runs"] == pytest.approx(
+            [p - d for p, d in zip(c1["p50_ms_runs"], c1["direct_p50_ms_runs"], strict=True)]
+        )
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
 
@@ -209,3 +214,31 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     result = asyncio.run(_protocol("openai", config, offline))
     assert result["levels"][0]["wrong_replies"] == 6
     assert served_text.agreement_floor("int8") < served_text.agreement_floor("fp32")
+
+
+def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> None:
+    """The stats document says each CPU worker's intra-op threads; the bench's direct batch-1
+    pair of a c1 run reads them there, and spreads its sentences over what the run sent."""
+    import asyncio
+
+    from trtpipe.bench.served_text import (
+        ServedTextConfig,
+        _sent_indices,
+        _server_stats,
+        _worker_threads,
+    )
+    from trtpipe.devices import cpu_cores
+
+    config = ServedTextConfig(
+        url=f"127.0.0.1:{server.server.http_port}",
+        model="minilm",
+        texts=TEXTS,
+        engine_dir=Path("unused"),
+    )
+    stats = asyncio.run(_server_stats(config))
+    # One CPU worker (devices=1) gets all of the machine's cores.
+    assert [d["threads"] for d in stats["devices"]] == [cpu_cores()]
+    assert _worker_threads(stats) == cpu_cores()
+    assert _worker_threads({"devices": [{"device": "cuda:0", "threads": None}]}) is None
+    assert _sent_indices(7, 5, 300) == [0, 1, 2, 3, 4, 0, 1]
+    assert _sent_indices(1000, 1000, 300) == list(range(0, 999, 3))[:300]

@@ -47,6 +47,8 @@ class ServedTextConfig:
     c1_runs: int = 5
     offline_runs: int = 3
     threads: int | None = None
+    # Sentences the direct batch-1 call after each c1 run times (spread over what the run sent).
+    c1_direct_texts: int = 300
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Offline:
     ids: list[list[int]]
     precision: str
     inputs: list[str]
+    pad_id: int = 0
 
 
 def offline_figures(config: ServedTextConfig) -> Offline:
@@ -90,11 +93,7 @@ def offline_figures(config: ServedTextConfig) -> Offline:
             return runner.infer(pad_batch(ids, rows, manifest.inputs, pad_id))
 
         vectors = np.stack([run(np.array([i]))[POOLED_OUTPUT][0] for i in range(len(ids))])
-        single = []
-        for i in range(min(len(ids), 200)):
-            start = time.perf_counter()
-            run(np.array([i]))
-            single.append(time.perf_counter() - start)
+        single = _batch1_seconds(run, range(min(len(ids), 200)))
 
         def timed_pass(batches: list[np.ndarray]) -> float:
             start = time.perf_counter()
@@ -118,7 +117,55 @@ def offline_figures(config: ServedTextConfig) -> Offline:
         ids=[list(t) for t in ids],
         precision=manifest.precision,
         inputs=[s.name for s in manifest.inputs],
+        pad_id=pad_id,
     )
+
+
+def _batch1_seconds(run: Any, indices: Any) -> list[float]:
+    seconds = []
+    for i in indices:
+        start = time.perf_counter()
+        run(np.array([i]))
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def direct_batch1_p50_ms(
+    config: ServedTextConfig, offline: Offline, indices: list[int], threads: int | None
+) -> float:
+    """The engine called directly, batch 1, on the sentences a c1 run just sent, with the
+    intra-op threads of one server worker: the pair of that run, taken right after it so that
+    a machine whose speed drifts charges both sides alike."""
+    from trtpipe.bench.common import default_device, engine_runner
+    from trtpipe.bench.text import pad_batch
+    from trtpipe.engine import EngineDir
+
+    engine = EngineDir(config.engine_dir)
+    manifest = engine.manifest
+    runner = engine_runner(engine, default_device(manifest), threads or cpu_cores())
+    with runner:
+
+        def run(rows: np.ndarray) -> dict[str, np.ndarray]:
+            return runner.infer(pad_batch(offline.ids, rows, manifest.inputs, offline.pad_id))
+
+        _batch1_seconds(run, indices[:10])  # warm-up
+        return LatencyStats.from_seconds(_batch1_seconds(run, indices)).p50_ms
+
+
+def _sent_indices(issued: int, count: int, limit: int) -> list[int]:
+    """The sentence indices a level sent (it cycles through the texts), at most ``limit`` of
+    them spread evenly."""
+    sent = [i % count for i in range(issued)]
+    step = max(1, len(sent) // max(1, limit))
+    return sent[::step][:limit]
+
+
+def _worker_threads(stats: dict[str, Any]) -> int | None:
+    """Intra-op threads of the server's first CPU worker, from its statistics document."""
+    for device in stats.get("devices", []):
+        if device.get("threads"):
+            return int(device["threads"])
+    return None
 
 
 def agreement_floor(precision: str) -> float:
@@ -224,8 +271,32 @@ async def _level(
         "of_offline_arrival": ratio(rate, offline.arrival_per_s.get(concurrency, 0.0)),
         "client_cpu_share": client_cpu / (os.cpu_count() or 1),
         "texts": len(texts),
+        "issued": issued,
         "server": server,
     }
+
+
+async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
+    """Five (``c1_runs``) c1 runs, each paired with a direct batch-1 call on the sentences it
+    sent, right after it and with one server worker's threads; the overhead is the median of
+    the five differences of p50."""
+    threads = config.threads or _worker_threads(await _server_stats(config))
+    results, overheads, directs = [], [], []
+    for _ in range(config.c1_runs):
+        result = await _level(client, config, offline, 1)
+        indices = _sent_indices(result["issued"], len(config.texts), config.c1_direct_texts)
+        direct = await asyncio.to_thread(direct_batch1_p50_ms, config, offline, indices, threads)
+        results.append(result)
+        directs.append(direct)
+        overheads.append(result["latency_ms"]["p50_ms"] - direct)
+    level = dict(results[0])
+    level["requests_per_s"] = median([r["requests_per_s"] for r in results])
+    level["p50_ms_runs"] = [r["latency_ms"]["p50_ms"] for r in results]
+    level["direct_p50_ms_runs"] = directs
+    level["direct_threads"] = threads or cpu_cores()
+    level["overhead_p50_ms_runs"] = overheads
+    level["overhead_p50_ms"] = median(overheads)
+    return level
 
 
 async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
@@ -234,14 +305,10 @@ async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -
     try:
         levels = []
         for concurrency in config.concurrency:
-            runs = config.c1_runs if concurrency == 1 else 1
-            results = [await _level(client, config, offline, concurrency) for _ in range(runs)]
-            level = results[len(results) // 2] if runs == 1 else dict(results[0])
-            if runs > 1:
-                overheads = [r["latency_ms"]["p50_ms"] - offline.direct_p50_ms for r in results]
-                level["overhead_p50_ms_runs"] = overheads
-                level["overhead_p50_ms"] = median(overheads)
-                level["requests_per_s"] = median([r["requests_per_s"] for r in results])
+            if concurrency == 1 and config.c1_runs > 1:
+                level = await _c1_level(client, config, offline)
+            else:
+                level = await _level(client, config, offline, concurrency)
             levels.append(level)
             log.info(
                 "%s c%d: %.1f req/s (%.0f%% of offline), wrong %d, client CPU %.0f%%",
@@ -315,9 +382,12 @@ def served_text_table(data: dict[str, Any]) -> str:
             )
             if "overhead_p50_ms" in level:
                 runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
+                direct = ", ".join(f"{v:.2f}" for v in level.get("direct_p50_ms_runs", []))
                 lines.append(
                     f"{'':<17} c1 p50 overhead over a direct batch-1 call: "
-                    f"{level['overhead_p50_ms']:.2f} ms (median of {runs})"
+                    f"{level['overhead_p50_ms']:.2f} ms (median of {runs}; direct p50 "
+                    f"{direct} ms right after each run, {level.get('direct_threads', '?')} "
+                    "thread(s) like one server worker)"
                 )
     return "\n".join(lines)
 

@@ -83,6 +83,9 @@ class DeviceWorker:
             reload_in = round(max(0.0, self.reload_at - time.monotonic()), 3)
         return {
             "device": str(self.device),
+            # CPU workers' intra-op threads (None on GPUs): a client comparing the server
+            # against a direct call needs the same layout (bench --url --texts does).
+            "threads": None if self.device.is_gpu else getattr(self.runner, "threads", None),
             "healthy": self.healthy,
             "state": self.state,
             "executions": self.executions,
