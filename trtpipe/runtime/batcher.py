@@ -17,15 +17,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from trtpipe.errors import InputError, RunnerError, TrtpipeError
 from trtpipe.runners.base import validate_feeds
+from trtpipe.runtime.batch_config import BatcherConfig
 from trtpipe.runtime.batch_hooks import BatchHooks, PaddingHooks
-from trtpipe.runtime.batch_plan import CPU_MAX_PADDING_SHARE, nearest_lengths, padded_length
+from trtpipe.runtime.batch_plan import nearest_lengths, padded_length
 from trtpipe.runtime.padding import Layout
 from trtpipe.runtime.pool import DevicePool
 from trtpipe.runtime.stats import BatcherStats
@@ -43,48 +44,6 @@ class BatcherStoppedError(QueueFullError):
 
 class RequestTimeoutError(TrtpipeError):
     """A request was not answered within ``timeout_s`` (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
-
-
-def _default_pads() -> dict[str, int]:
-    return {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
-
-
-@dataclass
-class BatcherConfig:
-    """Batching options; ``None`` batch size means the engine's profile maximum."""
-
-    max_batch_size: int | None = None
-    max_queue_delay_ms: float = 2.0
-    max_queue_size: int = 1024
-    timeout_s: float | None = 30.0
-    pad_token_ids: dict[str, int] = field(default_factory=_default_pads)
-    padding_side: str = "right"
-    bucket_multiple: int = 8
-    # Launch the oldest request with its nearest neighbours in length (False: in arrival order).
-    group_by_length: bool = True
-    max_padding_share: float = CPU_MAX_PADDING_SHARE
-    # Skip the queue delay when the last launch carried one request and nothing else waits,
-    # so a lone client is not charged the delay; under load batching behaves as configured.
-    adaptive_delay: bool = True
-    max_inflight_batches: int | None = None
-
-    def validate(self) -> None:
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise InputError(f"max batch size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise InputError(f"max queue delay must be >= 0 ms, got {self.max_queue_delay_ms}")
-        if self.max_queue_size < 1:
-            raise InputError(f"max queue size must be >= 1, got {self.max_queue_size}")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise InputError(f"timeout must be > 0 s (or none), got {self.timeout_s}")
-        if self.padding_side not in ("right", "left"):
-            raise InputError(f"padding side must be right or left, got {self.padding_side!r}")
-        if self.bucket_multiple < 1:
-            raise InputError(f"bucket multiple must be >= 1, got {self.bucket_multiple}")
-        if not 0.0 <= self.max_padding_share < 1.0:
-            raise InputError(f"max padding share must be in [0, 1), got {self.max_padding_share}")
-        if self.max_inflight_batches is not None and self.max_inflight_batches < 1:
-            raise InputError("max in-flight batches must be >= 1")
 
 
 @dataclass(eq=False)

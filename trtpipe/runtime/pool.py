@@ -97,79 +97,15 @@ class DevicePool:
         threads_per_cpu_worker: int | None = None,
         reload_backoff: Backoff | None = DEFAULT_BACKOFF,
     ) -> DevicePool:
-        """A pool of the engine's runner on each device.
-
-        N CPU workers share the machine's cores: each gets ``cores // N`` intra-op threads
-        unless ``threads_per_cpu_worker`` says otherwise, so workers do not oversubscribe.
-        """
-        from trtpipe.runners import runner_for
+        """A pool of the engine's runner on each device (pipeline-stage engines: one replica
+        per group of stage-count devices); see ``engine_runners`` for the CPU threads."""
+        from trtpipe.runtime.engine_runners import engine_runner_factory
 
         engine_dir = engine if isinstance(engine, EngineDir) else EngineDir(engine)
-        if engine_dir.manifest.stages:
-            return cls._for_staged_engine(
-                engine_dir,
-                devices,
-                policy,
-                retry_on_failure,
-                reload_backoff,
-                threads_per_cpu_worker,
-            )
-        cpu_workers = sum(1 for d in devices if not d.is_gpu)
-        threads = threads_per_cpu_worker
-        if threads is None and cpu_workers:
-            threads = max(1, cpu_cores() // cpu_workers)
-
-        def factory(device: Device) -> Runner:
-            runner = runner_for(engine_dir, device)
-            if not device.is_gpu and hasattr(runner, "threads"):
-                runner.threads = threads
-            return runner
-
+        factory, slots = engine_runner_factory(engine_dir, devices, threads_per_cpu_worker)
         return cls(
             factory,
-            devices,
-            policy,
-            retry_on_failure,
-            manifest=engine_dir.manifest,
-            reload_backoff=reload_backoff,
-        )
-
-    @classmethod
-    def _for_staged_engine(
-        cls,
-        engine_dir: EngineDir,
-        devices: list[Device],
-        policy: str,
-        retry_on_failure: bool,
-        reload_backoff: Backoff | None,
-        threads_per_cpu_worker: int | None = None,
-    ) -> DevicePool:
-        """Pipeline-stage engines: the device list cut into groups of the stage count, one
-        pipeline replica per group, dealt like devices (each listed by its first device).
-
-        Every CPU stage of every replica is a CPU worker sharing the cores: each gets
-        ``cores // workers`` intra-op threads unless ``threads_per_cpu_worker`` says otherwise.
-        """
-        from trtpipe.devices import pipeline_groups
-        from trtpipe.runners import runner_for
-
-        groups = {
-            group[0]: group for group in pipeline_groups(devices, len(engine_dir.manifest.stages))
-        }
-        cpu_workers = sum(1 for d in devices if not d.is_gpu)
-        threads = threads_per_cpu_worker
-        if threads is None and cpu_workers:
-            threads = max(1, cpu_cores() // cpu_workers)
-
-        def factory(device: Device) -> Runner:
-            runner = runner_for(engine_dir, groups[device])
-            if hasattr(runner, "threads"):
-                runner.threads = threads
-            return runner
-
-        return cls(
-            factory,
-            list(groups),
+            slots,
             policy,
             retry_on_failure,
             manifest=engine_dir.manifest,
