@@ -29,14 +29,10 @@ import numpy as np
 
 from trtpipe.cpu_features import SATURATING_FAMILIES
 from trtpipe.errors import BuildError, InputError
+from trtpipe.int8_proxy import KEEP_FP32_FRACTION, SMOOTH_ALPHA, weighted_nodes
 
 log = logging.getLogger(__name__)
 
-# SmoothQuant migration strength: scale = amax(x)^alpha / amax(w)^(1 - alpha), per input channel.
-# 0 disables it: measured, it helps the built-in sentences but not text unlike the calibration.
-SMOOTH_ALPHA = 0.0
-# Share of quantizable nodes kept in fp32 by the local proxy, the ones with the largest INT8 error.
-KEEP_FP32_FRACTION = 0.2
 # How the nodes kept in fp32 are chosen: "greedy" by their effect on the outputs, "proxy" by
 # each node's local INT8 error (seconds instead of ~20 s on MiniLM).
 INT8_SELECTIONS = ("greedy", "proxy")
@@ -400,18 +396,6 @@ def quantize_dynamic_int8(
         )
     except Exception as exc:
         raise BuildError(f"INT8 dynamic quantization failed: {exc}") from exc
-
-
-def weighted_nodes(model: Any) -> list[Any]:
-    """MatMul/Attention nodes whose second input is a 2-D weight initializer."""
-    shapes = {i.name: len(i.dims) for i in model.graph.initializer}  # no weight copied
-    return [
-        node
-        for node in model.graph.node
-        if node.op_type in ("MatMul", "Attention")
-        and len(node.input) > 1
-        and shapes.get(node.input[1]) == 2
-    ]
 
 
 def op_precision_counts(path: Path) -> dict[str, Any]:
