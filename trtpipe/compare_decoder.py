@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.compare import CompareReport, OutputReport, Tolerances, gate_failures
+from trtpipe.compare_report import CompareReport, OutputReport, Tolerances, gate_failures
 from trtpipe.devices import Device
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
@@ -376,34 +376,3 @@ def build_report(
         greedy=greedy,
         disagreement_margin_max=margin,
     )
-
-
-def decoder_gate_status(
-    engine_dir: Path | str,
-    run_gate: bool,
-    gate_report: Path | None = None,
-    device: Device | None = None,
-    reference: str | None = None,
-) -> dict[str, Any]:
-    """``bench --generate --gate``: the decoder gate's verdict in bench's gate format.
-
-    ``--gate-report`` (a saved ``compare --json``) is read instead of running the gate.
-    """
-    from trtpipe.bench.common import gate_status
-    from trtpipe.generation.kv_cache import is_decoder
-
-    engine = EngineDir(engine_dir)
-    if not is_decoder(engine.manifest.inputs):
-        raise InputError(
-            f"{engine.path} is a {engine.manifest.task} engine; --generate needs a "
-            "text-generation engine (export a decoder model)"
-        )
-    if gate_report is not None or not run_gate:
-        return gate_status(engine, gate_report, False)
-    log.info("running the decoder accuracy gate on %s", engine.path)
-    report = compare_decoder_engine(engine, reference=reference, device=device)
-    return {
-        "status": "passed" if report.passed else "failed",
-        "source": "compare (built-in sentences, teacher-forced)",
-        "report": report.to_dict(),
-    }

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.compare import CompareReport, Tolerances, compare_outputs
+from trtpipe.compare_report import CompareReport, Tolerances, compare_outputs
 from trtpipe.engine import EngineDir, Manifest, TensorSpec, sha256_file
 from trtpipe.errors import InputError
 

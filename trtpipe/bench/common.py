@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from trtpipe.devices import Device
@@ -94,40 +92,3 @@ def timed(call: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = call()
     return time.perf_counter() - start, result
-
-
-def gate_status(
-    engine: EngineDir, gate_report: Path | None = None, run_gate: bool = False
-) -> dict[str, Any]:
-    """Whether the engine passed the accuracy gate, and how that is known.
-
-    Only engines whose gate passed may be quoted as the best engine.
-    """
-    if gate_report is not None:
-        if not gate_report.is_file():
-            raise InputError(f"--gate-report {gate_report} does not exist (write it with compare)")
-        try:
-            data = json.loads(gate_report.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--gate-report {gate_report} is not JSON: {exc}") from exc
-        if "passed" not in data:
-            raise InputError(f"--gate-report {gate_report} is not a compare --json report")
-        if data.get("precision") not in (None, engine.manifest.precision):
-            raise InputError(
-                f"--gate-report {gate_report} is for a {data['precision']} engine, "
-                f"but {engine.path} is {engine.manifest.precision}"
-            )
-        status = "passed" if data["passed"] else "failed"
-        return {"status": status, "source": str(gate_report), "report": data}
-    if run_gate:
-        from trtpipe.compare import Tolerances, compare_engine
-
-        log.info("running the accuracy gate on %s", engine.path)
-        report = compare_engine(engine, Tolerances.for_precision(engine.manifest.precision))
-        status = "passed" if report.passed else "failed"
-        return {
-            "status": status,
-            "source": "compare (built-in sentences)",
-            "report": report.to_dict(),
-        }
-    return {"status": "unchecked", "source": "use --gate or --gate-report to check it"}

@@ -16,13 +16,13 @@ from trtpipe.bench.common import (
     check_shapes,
     default_device,
     engine_runner,
-    gate_status,
     sequence_range,
 )
 from trtpipe.bench.report import machine_info
 from trtpipe.devices import Device, cpu_cores, parse_device
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
+from trtpipe.gate import gate_status
 
 log = logging.getLogger(__name__)
 

@@ -321,8 +321,8 @@ def _served_text(options: dict[str, Any]) -> dict[str, Any]:
 
 def _generation(engine_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     from trtpipe.bench.generation import run_generation
-    from trtpipe.compare_decoder import decoder_gate_status
     from trtpipe.devices import parse_device
+    from trtpipe.gate import decoder_gate_status
 
     # The decoder gate first (teacher-forced logits and greedy tokens vs HF), like offline.
     gate = decoder_gate_status(
