@@ -14,15 +14,19 @@ level: on a 2-core machine the load generator competes with the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trtpipe.bench.common import timed
 from trtpipe.bench.served_clients import CLIENTS, Client, client_for
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
@@ -122,34 +126,34 @@ def offline_figures(config: ServedTextConfig) -> Offline:
 
 
 def _batch1_seconds(run: Any, indices: Any) -> list[float]:
-    seconds = []
-    for i in indices:
-        start = time.perf_counter()
-        run(np.array([i]))
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return [timed(partial(run, np.array([i])))[0] for i in indices]
 
 
-def direct_batch1_p50_ms(
-    config: ServedTextConfig, offline: Offline, indices: list[int], threads: int | None
-) -> float:
-    """The engine called directly, batch 1, on the sentences a c1 run just sent, with the
-    intra-op threads of one server worker: the pair of that run, taken right after it so that
-    a machine whose speed drifts charges both sides alike."""
+@contextlib.contextmanager
+def direct_batch1(
+    config: ServedTextConfig, offline: Offline, threads: int
+) -> Iterator[Callable[[list[int]], float]]:
+    """The engine loaded once for a c1 level's pairs: yields ``p50_ms(indices)``, a direct
+    batch-1 call on the sentences a c1 run just sent, with the intra-op threads of one server
+    worker, taken right after that run so that a machine whose speed drifts charges both
+    sides alike."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir
 
     engine = EngineDir(config.engine_dir)
     manifest = engine.manifest
-    runner = engine_runner(engine, default_device(manifest), threads or cpu_cores())
+    runner = engine_runner(engine, default_device(manifest), threads)
     with runner:
 
         def run(rows: np.ndarray) -> dict[str, np.ndarray]:
             return runner.infer(pad_batch(offline.ids, rows, manifest.inputs, offline.pad_id))
 
-        _batch1_seconds(run, indices[:10])  # warm-up
-        return LatencyStats.from_seconds(_batch1_seconds(run, indices)).p50_ms
+        def p50_ms(indices: list[int]) -> float:
+            _batch1_seconds(run, indices[:10])  # warm-up
+            return LatencyStats.from_seconds(_batch1_seconds(run, indices)).p50_ms
+
+        yield p50_ms
 
 
 def _sent_indices(issued: int, count: int, limit: int) -> list[int]:
@@ -197,14 +201,15 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
     the share of the wall time the engine was running (summed over devices), which says
     whether a gap is the engine's (busy near 1) or the front end's (the engine waits)."""
 
+    from trtpipe.bench.online import stats_delta
+
     def engine_ns(doc: dict[str, Any]) -> int:  # inside runner.infer, on the device threads
         return sum(int(d.get("compute_ns", 0)) for d in doc.get("devices", []))
 
     if not before or not after:
         return {}
-    count = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
+    launches = stats_delta(before, after)
     busy_ns = engine_ns(after) - engine_ns(before)
-    rows = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
     tokens = {
         key: after.get("tokens", {}).get(key, 0) - before.get("tokens", {}).get(key, 0)
         for key in ("real", "padding")
@@ -212,8 +217,8 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
     launched = tokens["real"] + tokens["padding"]
     return {
         "padding_share": tokens["padding"] / launched if launched else None,
-        "launches": count,
-        "average_batch_size": rows / count if count else None,
+        "launches": launches["executions"],
+        "average_batch_size": launches["average_batch_size"],
         "engine_busy_share": busy_ns / 1e9 / elapsed if elapsed > 0 else None,
     }
 
@@ -280,20 +285,21 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     """Five (``c1_runs``) c1 runs, each paired with a direct batch-1 call on the sentences it
     sent, right after it and with one server worker's threads; the overhead is the median of
     the five differences of p50."""
-    threads = config.threads or _worker_threads(await _server_stats(config))
+    threads = config.threads or _worker_threads(await _server_stats(config)) or cpu_cores()
     results, overheads, directs = [], [], []
-    for _ in range(config.c1_runs):
-        result = await _level(client, config, offline, 1)
-        indices = _sent_indices(result["issued"], len(config.texts), config.c1_direct_texts)
-        direct = await asyncio.to_thread(direct_batch1_p50_ms, config, offline, indices, threads)
-        results.append(result)
-        directs.append(direct)
-        overheads.append(result["latency_ms"]["p50_ms"] - direct)
+    with direct_batch1(config, offline, threads) as direct_p50_ms:
+        for _ in range(config.c1_runs):
+            result = await _level(client, config, offline, 1)
+            indices = _sent_indices(result["issued"], len(config.texts), config.c1_direct_texts)
+            direct = await asyncio.to_thread(direct_p50_ms, indices)
+            results.append(result)
+            directs.append(direct)
+            overheads.append(result["latency_ms"]["p50_ms"] - direct)
     level = dict(results[0])
     level["requests_per_s"] = median([r["requests_per_s"] for r in results])
     level["p50_ms_runs"] = [r["latency_ms"]["p50_ms"] for r in results]
     level["direct_p50_ms_runs"] = directs
-    level["direct_threads"] = threads or cpu_cores()
+    level["direct_threads"] = threads
     level["overhead_p50_ms_runs"] = overheads
     level["overhead_p50_ms"] = median(overheads)
     return level
