@@ -36,11 +36,6 @@ class Layout:
         self.max_seq = min(limits) if limits else None
 
 
-def length_group(bucket: int) -> int:
-    """Smallest power of two >= bucket: padding inside a group wastes less than half."""
-    return 1 << max(bucket - 1, 0).bit_length() if bucket > 0 else 0
-
-
 def pad_and_stack(
     layout: Layout,
     parts: list[tuple[dict[str, np.ndarray], int]],

@@ -1,9 +1,11 @@
 """Warm-up: every shape the batcher will launch runs once on a device before it serves.
 
 Like Triton's model warm-up: the first launch of a shape pays for memory arenas, kernel
-selection and (on GPUs) lazy module loading. Running each length bucket at batch 1 and at the
-largest batch while the device loads makes the first request after ``/ready`` as fast as the
-hundredth, and a device revived after a fault is warm before it takes work again.
+selection and (on GPUs) lazy module loading. The batcher launches any length its padding rule
+allows, so warm-up runs batch 1 and the largest batch at power-of-two lengths across the
+profile (arenas grown to the largest shapes, kernels chosen for each length range) while the
+device loads: the first request after ``/ready`` is as fast as the hundredth, and a device
+revived after a fault is warm before it takes work again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import numpy as np
 from trtpipe.devices import Device
 from trtpipe.engine import Manifest
 from trtpipe.runners.base import Runner
-from trtpipe.runtime.padding import length_group
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ TOKEN_BUDGET = 4096
 
 
 def warmup_shapes(manifest: Manifest, max_batch_size: int | None = None) -> list[tuple[int, int]]:
-    """(batch, sequence) pairs: batch 1 and the largest batch at every length bucket."""
+    """(batch, sequence) pairs: batch 1 and the largest batch at every power-of-two length."""
     specs = [s for s in manifest.inputs if s.dims[:1] == ["batch"]]
     if not specs or len(specs) != len(manifest.inputs):
         return []
@@ -51,6 +52,11 @@ def warmup_shapes(manifest: Manifest, max_batch_size: int | None = None) -> list
             if batch * seq <= TOKEN_BUDGET or seq == buckets[0]:
                 shapes.append((batch, seq))
     return shapes
+
+
+def length_group(length: int) -> int:
+    """Smallest power of two >= ``length`` (0 stays 0)."""
+    return 1 << max(length - 1, 0).bit_length() if length > 0 else 0
 
 
 def _powers(low: int, high: int) -> list[int]:
