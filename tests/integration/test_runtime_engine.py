@@ -128,3 +128,64 @@ def test_cpu_workers_share_the_cores(tiny_bert_engine: Path) -> None:
     assert threads == [max(1, cpu_cores() // 2)] * 2
     with DevicePool.for_engine(tiny_bert_engine, [Device("cpu", 0)], threads_per_cpu_worker=1) as p:
         assert [w.runner.threads for w in p._workers if w.runner is not None] == [1]
+
+
+def test_cpu_workers_run_one_shared_session(
+    tiny_bert_engine: Path, alone: OnnxRuntimeRunner
+) -> None:
+    """CPU workers of one pool hold one narrow session (weights once) and one wide session for a
+    launch that runs alone; the last worker to close drops them; sharing can be turned off."""
+    from trtpipe.runtime.pool import cpu_cores
+
+    engine = EngineDir(tiny_bert_engine)
+    feeds = make_request(engine, np.random.default_rng(5), 2, 12)
+    pool = DevicePool.for_engine(engine, parse_devices("cpu:3"), threads_per_cpu_worker=1)
+    with pool:
+        runners: list[Any] = [w.runner for w in pool._workers]
+        shared = runners[0].shared
+        assert shared is not None and shared.users == 3
+        assert {id(r.session) for r in runners} == {id(shared.sessions[0])}
+        wide = cpu_cores() > 1  # a one-core machine has nothing wider than one thread
+        assert len(shared.sessions) == (2 if wide else 1)
+        status = pool.devices_status()
+        assert [s["threads"] for s in status] == [1, 1, 1]
+        assert [s["alone_threads"] for s in status] == [cpu_cores() if wide else 1] * 3
+        runners[0].close()
+        assert shared.users == 2
+        for runner in runners[1:]:
+            assert_same(runner.infer(feeds), alone.infer(feeds))  # alone: the wide session
+        with shared.launch():  # another worker busy: the narrow session runs this one
+            assert_same(runners[1].infer(feeds), alone.infer(feeds))
+    assert shared.users == 0 and shared.sessions == []
+    apart = DevicePool.for_engine(engine, parse_devices("cpu:2"), share_cpu_session=False)
+    with apart:
+        workers: list[Any] = [w.runner for w in apart._workers]
+        assert workers[0].shared is None and workers[0].session is not workers[1].session
+
+
+def test_warm_up_runs_every_shared_session(tiny_bert_engine: Path) -> None:
+    from trtpipe.runtime.pool import cpu_cores
+    from trtpipe.runtime.warmup import warm_up, warmup_shapes
+
+    engine = EngineDir(tiny_bert_engine)
+    pool = DevicePool.for_engine(engine, parse_devices("cpu:2"), threads_per_cpu_worker=1)
+    with pool:
+        runner: Any = pool._workers[0].runner
+        calls: list[int] = []
+
+        class Counting:
+            def __init__(self, session: Any, index: int):
+                self.session, self.index = session, index
+
+            def run(self, names: Any, feeds: Any) -> Any:
+                calls.append(self.index)
+                return self.session.run(names, feeds)
+
+        shared = runner.shared
+        shared._narrow = Counting(shared._narrow, 0)
+        if shared._wide is not None:
+            shared._wide = Counting(shared._wide, 1)
+        shapes = warmup_shapes(engine.manifest, 8)
+        warm_up(runner, engine.manifest, shapes)
+    assert calls.count(0) == len(shapes)
+    assert calls.count(1) == (len(shapes) if cpu_cores() > 1 else 0)

@@ -165,10 +165,13 @@ def _sent_indices(issued: int, count: int, limit: int) -> list[int]:
 
 
 def _worker_threads(stats: dict[str, Any]) -> int | None:
-    """Intra-op threads of the server's first CPU worker, from its statistics document."""
+    """Intra-op threads a lone launch of the server's first CPU worker runs with, from its
+    statistics document (``alone_threads``: workers sharing a wide session run a c1 request
+    on all cores; servers before it report only ``threads``)."""
     for device in stats.get("devices", []):
-        if device.get("threads"):
-            return int(device["threads"])
+        threads = device.get("alone_threads") or device.get("threads")
+        if threads:
+            return int(threads)
     return None
 
 

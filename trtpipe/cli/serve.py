@@ -64,7 +64,11 @@ import click
     help="0 disables gRPC.",
 )
 @click.option("--gpus", help="GPU indices, one runner per GPU, e.g. 0,1.")
-@click.option("--devices", help="cpu:N for N CPU workers, or cuda:0,cuda:1 (default: cpu:1).")
+@click.option(
+    "--devices",
+    help="cpu:N for N CPU workers, or cuda:0,cuda:1 (default: a CPU worker per core for "
+    "encoders, sharing one session; cpu:1 for generation).",
+)
 @click.option(
     "--max-batch-size",
     type=click.IntRange(1),
@@ -140,6 +144,13 @@ import click
     "left for the front end).",
 )
 @click.option(
+    "--cpu-share-session/--no-cpu-share-session",
+    default=True,
+    show_default=True,
+    help="CPU workers of a model run one ONNX Runtime session between them (its weights held "
+    "once) instead of one each.",
+)
+@click.option(
     "--null-runner",
     is_flag=True,
     help="Measure the front end alone: the engine replaced by a zero-cost runner of the same "
@@ -166,6 +177,7 @@ def command(
     null_runner: bool,
     cpu_threads: int | None = None,
     cpu_spin: bool = True,
+    cpu_share_session: bool = True,
     max_padding_share: float | None = None,
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
@@ -195,8 +207,11 @@ def command(
     if gpus and devices:
         raise InputError("give --gpus or --devices, not both")
     chosen = parse_gpus(gpus) if gpus else parse_devices(devices or "cpu:1")
+    # No layout given: an encoder gets a CPU worker per core (ServeConfig.encoder_devices).
+    per_core = not gpus and not devices
     config = ServeConfig(
         devices=chosen,
+        cpu_worker_per_core=per_core,
         policy=policy,
         retry_on_failure=retry,
         max_batch_size=max_batch_size,
@@ -207,6 +222,7 @@ def command(
         null_runner=null_runner,
         threads_per_cpu_worker=cpu_threads,
         cpu_spin=cpu_spin,
+        share_cpu_session=cpu_share_session,
         max_padding_share=max_padding_share,
     )
     if null_runner:

@@ -11,6 +11,7 @@ from trtpipe.devices import Device, require_visible
 from trtpipe.engine import EngineDir
 from trtpipe.errors import BackendUnavailableError, InputError, RunnerError
 from trtpipe.runners.base import ManifestRunner
+from trtpipe.runners.shared_session import SharedSession
 
 log = logging.getLogger(__name__)
 
@@ -85,35 +86,57 @@ class OnnxRuntimeRunner(ManifestRunner):
         self.engine = engine
         self.threads = threads
         self.spin: bool | None = None  # intra-op threads busy-wait (None: ONNX Runtime default)
+        # Set by the pool's runner factory: the sessions this model's CPU workers share.
+        self.shared: SharedSession | None = None
         self.session: Any = None
 
+    @property
+    def alone_threads(self) -> int | None:
+        """Intra-op threads of a launch that runs while no other CPU worker runs."""
+        return self.shared.alone_threads(self.threads) if self.shared else self.threads
+
     def load(self) -> None:
+        if self.device.is_gpu:
+            self.shared = None  # one session per GPU
+        if self.shared is not None:
+            self.session = self.shared.acquire(self._new_session, self.threads)
+        else:
+            self.session = self._new_session(self.threads)
+        # Also on a GPU: ONNX Runtime runs the int8 contrib ops on the CPU.
+        warn_if_other_int8_family(self.engine)
+        self.loaded = True
+        log.debug("loaded %s on %s", self.engine.path, self.device)
+
+    def _new_session(self, threads: int | None) -> Any:
         import onnxruntime as ort
 
-        options = session_options(self.threads, self.spin)
+        options = session_options(threads, self.spin)
         # The engine file was optimized at build time; do not redo it on every load.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
-            self.session = ort.InferenceSession(
+            session = ort.InferenceSession(
                 str(self.engine.engine_path), options, providers=providers_for(self.device)
             )
         except BackendUnavailableError:
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RunnerError(f"cannot load {self.engine.engine_path}: {exc}") from exc
-        if self.device.is_gpu and "CUDAExecutionProvider" not in self.session.get_providers():
+        if self.device.is_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise BackendUnavailableError(f"CUDA EP failed to initialise on {self.device}")
-        # Also on a GPU: ONNX Runtime runs the int8 contrib ops on the CPU.
-        warn_if_other_int8_family(self.engine)
-        self.loaded = True
-        log.debug("loaded %s on %s", self.engine.path, self.device)
+        return session
+
+    def warm_every_session(self, feeds: dict[str, np.ndarray]) -> None:
+        """Warm-up: run ``feeds`` on each session a launch may get (shared: narrow and wide)."""
+        names = [o.name for o in self.outputs]
+        for session in self.shared.sessions if self.shared else [self.session]:
+            session.run(names, feeds)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]
         try:
             if self.device.is_gpu:
                 return self._infer_io_binding(feeds, names)
-            values = self.session.run(names, feeds)
+            values = self._run_on_cpu(names, feeds)
         except InputError:
             raise
         except Exception as exc:
@@ -123,6 +146,12 @@ class OnnxRuntimeRunner(ManifestRunner):
                 raise InputError(f"{self.describe()} rejected the inputs: {exc}") from exc
             raise RunnerError(f"{self.describe()} failed: {exc}") from exc
         return dict(zip(names, values, strict=True))
+
+    def _run_on_cpu(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
+        if self.shared is None:
+            return list(self.session.run(names, feeds))
+        with self.shared.launch() as session:
+            return list(session.run(names, feeds))
 
     def _infer_io_binding(
         self, feeds: dict[str, np.ndarray], names: list[str]
@@ -136,5 +165,7 @@ class OnnxRuntimeRunner(ManifestRunner):
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
     def close(self) -> None:
+        if self.session is not None and self.shared is not None:
+            self.shared.release()
         self.session = None
         super().close()

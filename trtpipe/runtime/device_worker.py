@@ -83,9 +83,13 @@ class DeviceWorker:
             reload_in = round(max(0.0, self.reload_at - time.monotonic()), 3)
         return {
             "device": str(self.device),
-            # CPU workers' intra-op threads (None on GPUs): a client comparing the server
-            # against a direct call needs the same layout (bench --url --texts does).
+            # CPU workers' intra-op threads (None on GPUs), and those of a launch that runs
+            # while no other worker does (the wide shared session): a client comparing the
+            # server against a direct call needs the same layout (bench --url --texts does).
             "threads": None if self.device.is_gpu else getattr(self.runner, "threads", None),
+            "alone_threads": (
+                None if self.device.is_gpu else getattr(self.runner, "alone_threads", None)
+            ),
             "healthy": self.healthy,
             "state": self.state,
             "executions": self.executions,

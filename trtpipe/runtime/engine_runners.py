@@ -23,23 +23,34 @@ def cpu_worker_threads(devices: list[Device], given: int | None) -> int | None:
 
 
 def engine_runner_factory(
-    engine_dir: EngineDir, devices: list[Device], threads_per_cpu_worker: int | None = None
+    engine_dir: EngineDir,
+    devices: list[Device],
+    threads_per_cpu_worker: int | None = None,
+    share_cpu_session: bool = True,
 ) -> tuple[Callable[[Device], Runner], list[Device]]:
     """(factory, pool slots) for ``engine_dir`` on ``devices``.
 
-    A plain engine gets one slot per device. Pipeline-stage engines cut the device list into
-    groups of the stage count, one pipeline replica per group, each slot named by its group's
-    first device; every CPU stage of every replica is a CPU worker sharing the cores.
+    A plain engine gets one slot per device. Its CPU workers share ONNX Runtime sessions
+    (``share_cpu_session``, see ``runners.shared_session``): one session of their own threads
+    that each runs its own launch on, and, with several workers, one of all the cores for a
+    launch that runs alone. Pipeline-stage engines cut the device list into groups of the stage
+    count, one pipeline replica per group, each slot named by its group's first device; every
+    CPU stage of every replica is a CPU worker sharing the cores.
     """
     from trtpipe.runners import runner_for
+    from trtpipe.runners.shared_session import SharedSession
 
     threads = cpu_worker_threads(devices, threads_per_cpu_worker)
     if not engine_dir.manifest.stages:
+        several = sum(1 for d in devices if not d.is_gpu) > 1
+        shared = SharedSession(cpu_cores() if several else None) if share_cpu_session else None
 
         def single(device: Device) -> Runner:
             runner = runner_for(engine_dir, device)
             if not device.is_gpu and hasattr(runner, "threads"):
                 runner.threads = threads
+                if hasattr(runner, "shared"):
+                    runner.shared = shared
             return runner
 
         return single, devices

@@ -96,13 +96,17 @@ class DevicePool:
         retry_on_failure: bool = True,
         threads_per_cpu_worker: int | None = None,
         reload_backoff: Backoff | None = DEFAULT_BACKOFF,
+        share_cpu_session: bool = True,
     ) -> DevicePool:
         """A pool of the engine's runner on each device (pipeline-stage engines: one replica
-        per group of stage-count devices); see ``engine_runners`` for the CPU threads."""
+        per group of stage-count devices); see ``engine_runners`` for the CPU threads and the
+        one session CPU workers share."""
         from trtpipe.runtime.engine_runners import engine_runner_factory
 
         engine_dir = engine if isinstance(engine, EngineDir) else EngineDir(engine)
-        factory, slots = engine_runner_factory(engine_dir, devices, threads_per_cpu_worker)
+        factory, slots = engine_runner_factory(
+            engine_dir, devices, threads_per_cpu_worker, share_cpu_session
+        )
         return cls(
             factory,
             slots,

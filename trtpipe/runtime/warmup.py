@@ -84,8 +84,10 @@ def warmup_feeds(manifest: Manifest, batch: int, seq: int) -> dict[str, np.ndarr
 def warm_up(runner: Runner, manifest: Manifest, shapes: list[tuple[int, int]]) -> float:
     """Run every shape once on a loaded runner; returns the seconds it took."""
     start = time.perf_counter()
+    # A runner with several sessions (CPU workers sharing a narrow and a wide one) warms each.
+    run = getattr(runner, "warm_every_session", runner.infer)
     for batch, seq in shapes:
-        runner.infer(warmup_feeds(manifest, batch, seq))
+        run(warmup_feeds(manifest, batch, seq))
     return time.perf_counter() - start
 
 

@@ -15,6 +15,9 @@ class ServeConfig:
     """Devices, dispatch, batching and warm-up options shared by every served model."""
 
     devices: list[Device] = field(default_factory=lambda: [Device("cpu", 0)])
+    # The default CPU layout (``trtpipe serve`` without --devices/--gpus): an encoder model on
+    # the one CPU device gets a worker per core instead (``encoder_devices``).
+    cpu_worker_per_core: bool = False
     policy: str = "shared_queue"
     retry_on_failure: bool = True
     max_batch_size: int | None = None
@@ -29,8 +32,24 @@ class ServeConfig:
     threads_per_cpu_worker: int | None = None
     # CPU workers' idle intra-op threads busy-wait (ONNX Runtime's default) or sleep.
     cpu_spin: bool = True
+    # CPU workers of one model run one ONNX Runtime session (weights once) or one each.
+    share_cpu_session: bool = True
     # Largest share of a launch that may be padding (None: by device kind, see padding_rule).
     max_padding_share: float | None = None
+
+    def encoder_devices(self) -> list[Device]:
+        """The devices an encoder model's pool runs on.
+
+        ``devices``; with ``cpu_worker_per_core`` and the one default CPU device, one CPU worker
+        per core. They share one session of one thread each and a wide one for a launch that
+        runs alone (``runners.shared_session``), so a lone request gets every core and a loaded
+        server keeps every core busy on its own launch. Generation models keep ``devices``.
+        """
+        if self.cpu_worker_per_core and self.devices == [Device("cpu", 0)]:
+            from trtpipe.devices import cpu_cores
+
+            return [Device("cpu", i) for i in range(cpu_cores())]
+        return self.devices
 
     def padding_rule(self) -> tuple[int, float]:
         """(multiple the padded length is rounded up to, largest padding share of a launch).
@@ -64,10 +83,11 @@ def default_pool_factory(engine: EngineDir, config: ServeConfig) -> Any:
 
     pool = DevicePool.for_engine(
         engine,
-        config.devices,
+        config.encoder_devices(),
         policy=config.policy,
         retry_on_failure=config.retry_on_failure,
         threads_per_cpu_worker=config.threads_per_cpu_worker,
+        share_cpu_session=config.share_cpu_session,
     )
     if not config.cpu_spin:
         make = pool.runner_factory

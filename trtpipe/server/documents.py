@@ -78,7 +78,7 @@ def model_metadata(model: ServedFacts) -> dict[str, Any]:
 
 def model_config(model: ServedFacts) -> dict[str, Any]:
     """The Triton model-config fields that perf_analyzer and tritonclient read."""
-    devices = model.config.devices
+    devices = model.config.encoder_devices()
     gpus = [d.index for d in devices if d.is_gpu]
     cpus = [d for d in devices if not d.is_gpu]
     groups: list[dict[str, Any]] = []

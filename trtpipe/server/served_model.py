@@ -108,7 +108,7 @@ class ServedModel:
             text_model=self.is_text_model,
         )
         self.started = True
-        log.info("model %s ready on %s", self.name, [str(d) for d in self.config.devices])
+        log.info("model %s ready on %s", self.name, [str(d) for d in self.config.encoder_devices()])
 
     def _batch_hooks(self, layout: Layout) -> BatchHooks:
         """Pad token ids with the tokenizer's pad id (0 without a tokenizer), masks with 0."""
