@@ -102,6 +102,10 @@ def test_warmup_runs_every_bucket_before_ready(minilm_serving_engine: Path) -> N
             seen.append(feeds["input_ids"].shape)
             return super()._infer(feeds)
 
+        def warm_every_session(self, feeds: dict[str, np.ndarray]) -> None:
+            seen.append(feeds["input_ids"].shape)  # warm-up runs each of the runner's sessions
+            super().warm_every_session(feeds)
+
     make = warming_factory(
         lambda device: Recording(EngineDir(minilm_serving_engine), device), manifest, None
     )
