@@ -210,7 +210,7 @@ def build_engine_dir(config: BuildConfig) -> EngineDir:
     if config.precision not in PRECISIONS:
         raise InputError(f"unknown precision {config.precision!r}; use one of {PRECISIONS}")
     if config.pipeline_stages or config.stage_layers:
-        from trtpipe.build.stages import build_staged_engine_dir
+        from trtpipe.build.staged_build import build_staged_engine_dir
 
         return build_staged_engine_dir(config)  # type: ignore[no-any-return]
     model = load_onnx(config.onnx_path)

@@ -30,8 +30,9 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from trtpipe.errors import TrtpipeError
+from trtpipe.server.control_body import control_body
+from trtpipe.server.protocol import SharedMemoryError
 from trtpipe.server.shared_memory import (
-    SharedMemoryError,
     SystemSharedMemory,
     enabled_registry,
     json_reply,
@@ -201,8 +202,6 @@ def cuda_shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
 
     @router.post("/v2/cudasharedmemory/region/{name}/register")
     async def register_route(name: str, request: Request) -> Response:
-        from trtpipe.server.repository_routes import control_body
-
         shm = enabled()
         doc = await control_body(request)  # a small JSON object, read with a size limit
         if not {"raw_handle", "device_id", "byte_size"} <= set(doc):

@@ -24,6 +24,7 @@ from trtpipe.generation.sampling import SamplingParams
 from trtpipe.generation.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from trtpipe.generation.sequence import Sequence, TokenEvent
 from trtpipe.server.errors import ModelNotReadyError
+from trtpipe.server.generation_tensors import tensor_documents
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,7 @@ class _TaggedSink:
 
 def text_tensors() -> dict[str, list[dict[str, Any]]]:
     """The v2 infer tensors, Triton's TensorRT-LLM backend names (text in, text out), without
-    the batch dim (trtpipe.server.generation_v2 decodes them)."""
-    from trtpipe.server.generation_v2 import tensor_documents
-
+    the batch dim (trtpipe.server.generation_tensors lists them)."""
     return tensor_documents()
 
 

@@ -26,25 +26,10 @@ import numpy as np
 from trtpipe.server import openai_generation as wire
 from trtpipe.server.generate_routes import Submitted
 from trtpipe.server.generation_model import AsyncSink, ServedGeneration
-from trtpipe.server.protocol import InferRequest, InputTensor, ProtocolError
+from trtpipe.server.generation_tensors import INPUTS, OUTPUT
+from trtpipe.server.grpc_codec import decode_request, encode_response
+from trtpipe.server.protocol import InferRequest, InputTensor, ProtocolError, select_outputs
 
-# name -> (v2 datatype advertised, kind accepted, optional). Kinds: numpy dtype kinds.
-INPUTS: dict[str, tuple[str, str, bool]] = {
-    "text_input": ("BYTES", "O", False),
-    "max_tokens": ("INT32", "iu", False),
-    "temperature": ("FP32", "fiu", True),
-    "top_k": ("INT32", "iu", True),
-    "top_p": ("FP32", "fiu", True),
-    "random_seed": ("UINT64", "iu", True),
-    "seed": ("UINT64", "iu", True),
-    "end_id": ("INT32", "iu", True),
-    "stop_words": ("BYTES", "O", True),
-    "beam_width": ("INT32", "iu", True),
-    "ignore_eos": ("BOOL", "b", True),
-    "exclude_input_in_output": ("BOOL", "b", True),
-    "stream": ("BOOL", "b", True),
-}
-OUTPUT = "text_output"
 KIND_NAMES = {"O": "BYTES", "iu": "an integer type", "fiu": "a number type", "b": "BOOL"}
 # Request parameters a client library sets on its own; anything else must be an input name.
 RESERVED_PARAMETERS = frozenset(
@@ -63,20 +48,6 @@ REFUSED = {
     "beam_width": "beam search is not supported; beam_width must be 1",
 }
 MAX_STOP_WORDS = 16
-
-
-def tensor_documents() -> dict[str, list[dict[str, Any]]]:
-    """Metadata/config entries: the inputs above and ``text_output``, without the batch dim."""
-    inputs = [
-        {
-            "name": name,
-            "datatype": datatype,
-            "shape": [-1] if name == "stop_words" else [1],
-            "optional": optional,
-        }
-        for name, (datatype, _, optional) in INPUTS.items()
-    ]
-    return {"inputs": inputs, "outputs": [{"name": OUTPUT, "datatype": "BYTES", "shape": [1]}]}
 
 
 @dataclass
@@ -321,8 +292,6 @@ async def http_infer(
 
 
 def grpc_request(request: Any, shared_memory: Any = None) -> InferRequest:
-    from trtpipe.server.grpc import decode_request
-
     decoded = decode_request(request, shared_memory)
     no_shared_outputs(decoded)
     return decoded
@@ -331,9 +300,6 @@ def grpc_request(request: Any, shared_memory: Any = None) -> InferRequest:
 def grpc_response(
     model: ServedGeneration, request: InferRequest, produced: dict[str, np.ndarray]
 ) -> Any:
-    from trtpipe.server.grpc import encode_response
-    from trtpipe.server.protocol import select_outputs
-
     selected = select_outputs(produced, request.outputs, True)
     return encode_response(model.name, model.version, request.id, selected)
 

@@ -214,10 +214,12 @@ def create_http_app(
     from trtpipe.server.repository_routes import repository_router
 
     app.include_router(repository_router(repository))
-    # System shared memory extension (answers 400 unless --allow-shared-memory).
+    # System and CUDA shared memory extensions (answer 400 unless --allow-shared-memory).
+    from trtpipe.server.cuda_shared_memory import cuda_shared_memory_router
     from trtpipe.server.shared_memory import shared_memory_router
 
     app.include_router(shared_memory_router(repository.shared_memory))
+    app.include_router(cuda_shared_memory_router(repository.shared_memory))
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -43,6 +43,10 @@ class ProtocolError(InputError):
     """A request that does not follow the protocol (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
+class SharedMemoryError(ProtocolError):
+    """A region request outside what was registered (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+
 @dataclass
 class InputTensor:
     """One decoded input: numeric arrays keep their dtype, BYTES is an object array of bytes."""
@@ -231,6 +235,26 @@ def shared_memory_off(name: str) -> ProtocolError:
     )
 
 
+def non_negative_int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SharedMemoryError(f"{what} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def shared_memory_ref(params: dict[str, Any], tensor: str) -> SharedMemoryRef | None:
+    """The region an input or output names in its parameters, or None."""
+    if "shared_memory_region" not in params:
+        return None
+    region = params["shared_memory_region"]
+    if not isinstance(region, str) or not region:
+        raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_region must be a name")
+    if "shared_memory_byte_size" not in params:
+        raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_byte_size is required")
+    size = non_negative_int(params["shared_memory_byte_size"], "shared_memory_byte_size")
+    offset = non_negative_int(params.get("shared_memory_offset", 0), "shared_memory_offset")
+    return SharedMemoryRef(region, size, offset)
+
+
 def parse_http_request(
     body: bytes, header_length: str | int | None = None, shared_memory: Any = None
 ) -> InferRequest:
@@ -278,8 +302,6 @@ def parse_http_request(
         if "shared_memory_region" in params:
             if shared_memory is None:
                 raise shared_memory_off(name)
-            from trtpipe.server.shared_memory import shared_memory_ref
-
             if "data" in item or "binary_data_size" in params:
                 raise ProtocolError(f"input {name!r} names a shared memory region and sends data")
             ref = shared_memory_ref(params, name)
@@ -325,8 +347,6 @@ def parse_http_request(
             if "shared_memory_region" in params:
                 if shared_memory is None:
                     raise shared_memory_off(item["name"])
-                from trtpipe.server.shared_memory import shared_memory_ref
-
                 ref = shared_memory_ref(params, item["name"])
             binary_flag = params.get("binary_data")
             outputs.append(

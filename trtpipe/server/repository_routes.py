@@ -14,31 +14,9 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
+from trtpipe.server.control_body import control_body
 from trtpipe.server.protocol import ProtocolError
 from trtpipe.server.repository import ModelRepository
-
-MAX_CONTROL_BODY = 64 << 10
-
-
-async def control_body(request: Request) -> dict[str, Any]:
-    """The optional JSON object of a repository request (empty body: ``{}``)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_CONTROL_BODY:
-            raise ProtocolError(f"repository request body is over {MAX_CONTROL_BODY} bytes")
-    if not body.strip():
-        return {}
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"malformed JSON in repository request: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ProtocolError("repository request must be a JSON object")
-    params = doc.get("parameters", {})
-    if not isinstance(params, dict):
-        raise ProtocolError("'parameters' must be an object")
-    return doc
 
 
 def check_load_parameters(name: str, params: dict[str, Any]) -> None:

@@ -33,7 +33,14 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from trtpipe.errors import InputError
-from trtpipe.server.protocol import ProtocolError, RequestedOutput, SharedMemoryRef, raw_data
+from trtpipe.server.control_body import control_body
+from trtpipe.server.protocol import (
+    RequestedOutput,
+    SharedMemoryError,
+    SharedMemoryRef,
+    non_negative_int,
+    raw_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +49,6 @@ KEY_PATTERN = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 OFF_MESSAGE = (
     "this server does not support system shared memory unless started with --allow-shared-memory"
 )
-
-
-class SharedMemoryError(ProtocolError):
-    """A region request outside what was registered (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
 @dataclass
@@ -80,12 +83,6 @@ class Region:
         self.mapping.close()
 
 
-def _non_negative_int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SharedMemoryError(f"{what} must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
 class SystemSharedMemory:
     """The registered regions of one server (thread-safe: HTTP, gRPC and worker threads)."""
 
@@ -101,8 +98,8 @@ class SystemSharedMemory:
             raise SharedMemoryError(
                 f"shared memory key {key!r} is not a plain shm name (e.g. /input_data)"
             )
-        offset = _non_negative_int(offset, "offset")
-        byte_size = _non_negative_int(byte_size, "byte_size")
+        offset = non_negative_int(offset, "offset")
+        byte_size = non_negative_int(byte_size, "byte_size")
         if byte_size == 0:
             raise SharedMemoryError("byte_size must be > 0")
         path = SHM_DIR / key.lstrip("/")
@@ -227,20 +224,6 @@ class SystemSharedMemory:
         return placed
 
 
-def shared_memory_ref(params: dict[str, Any], tensor: str) -> SharedMemoryRef | None:
-    """The region an input or output names in its parameters, or None."""
-    if "shared_memory_region" not in params:
-        return None
-    region = params["shared_memory_region"]
-    if not isinstance(region, str) or not region:
-        raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_region must be a name")
-    if "shared_memory_byte_size" not in params:
-        raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_byte_size is required")
-    size = _non_negative_int(params["shared_memory_byte_size"], "shared_memory_byte_size")
-    offset = _non_negative_int(params.get("shared_memory_offset", 0), "shared_memory_offset")
-    return SharedMemoryRef(region, size, offset)
-
-
 # -- HTTP routes ---------------------------------------------------------------------------------
 def enabled_registry(
     registry: SystemSharedMemory | None, off_message: str = OFF_MESSAGE
@@ -275,8 +258,6 @@ def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
 
     @router.post("/v2/systemsharedmemory/region/{name}/register")
     async def register(name: str, request: Request) -> Response:
-        from trtpipe.server.repository_routes import control_body
-
         shm = enabled()
         doc = await control_body(request)  # a small JSON object, read with a size limit
         if "key" not in doc or "byte_size" not in doc:
@@ -290,7 +271,4 @@ def shared_memory_router(registry: SystemSharedMemory | None) -> APIRouter:
         enabled().unregister(name)
         return ok()
 
-    from trtpipe.server.cuda_shared_memory import cuda_shared_memory_router
-
-    router.include_router(cuda_shared_memory_router(registry))
     return router
