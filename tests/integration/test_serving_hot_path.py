@@ -182,6 +182,9 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             # The server runs in this process here, so the share counts its CPU too.
             assert level["client_cpu_share"] > 0
             assert level["of_offline_sorted"] > 0
+            server_side = level["server"]
+            assert server_side["workers"] == 1  # the fixture serves on one device
+            assert 0 < server_side["engine_busy_share"] <= 1.0
         c1 = proto["levels"][0]
         assert len(c1["overhead_p50_ms_runs"]) == 3
         assert c1["overhead_p50_ms"] == sorted(c1["overhead_p50_ms_runs"])[1]
@@ -192,6 +195,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         )
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
+    assert "mean over the model's" in table
 
 
 def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: Path) -> None:

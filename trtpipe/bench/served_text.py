@@ -201,8 +201,9 @@ async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
 
 def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, Any]:
     """What the server did between two statistics documents: launches, their average size and
-    the share of the wall time the engine was running (summed over devices), which says
-    whether a gap is the engine's (busy near 1) or the front end's (the engine waits)."""
+    the share of the wall time the engine was running, averaged over the model's workers (0 to
+    1 however many there are), which says whether a gap is the engine's (busy near 1) or the
+    front end's (the engines wait)."""
 
     from trtpipe.bench.online import stats_delta
 
@@ -213,6 +214,7 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
         return {}
     launches = stats_delta(before, after)
     busy_ns = engine_ns(after) - engine_ns(before)
+    workers = max(1, len(after.get("devices", [])))
     tokens = {
         key: after.get("tokens", {}).get(key, 0) - before.get("tokens", {}).get(key, 0)
         for key in ("real", "padding")
@@ -222,7 +224,8 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
         "padding_share": tokens["padding"] / launched if launched else None,
         "launches": launches["executions"],
         "average_batch_size": launches["average_batch_size"],
-        "engine_busy_share": busy_ns / 1e9 / elapsed if elapsed > 0 else None,
+        "workers": workers,
+        "engine_busy_share": busy_ns / 1e9 / elapsed / workers if elapsed > 0 else None,
     }
 
 
@@ -398,6 +401,16 @@ def served_text_table(data: dict[str, Any]) -> str:
                     f"{direct} ms right after each run, {level.get('direct_threads', '?')} "
                     "thread(s) like one server worker)"
                 )
+    workers = {
+        level.get("server", {}).get("workers")
+        for proto in data["protocols"]
+        for level in proto["levels"]
+    } - {None}
+    if workers:
+        lines.append(
+            "engine busy: the share of the wall time a worker's engine ran, the mean over the "
+            f"model's {'/'.join(str(n) for n in sorted(workers))} worker(s)"
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,34 @@
+"""What the served-text bench reads off two statistics documents of the server."""
+
+from __future__ import annotations
+
+import pytest
+
+from trtpipe.bench.served_text import server_split
+
+
+def stats(compute_ns: list[int], executions: int, inferences: int, real: int, padding: int):
+    return {
+        "execution_count": executions,
+        "inference_count": inferences,
+        "tokens": {"real": real, "padding": padding},
+        "devices": [{"name": f"cpu:{i}", "compute_ns": ns} for i, ns in enumerate(compute_ns)],
+    }
+
+
+def test_engine_busy_is_the_mean_over_workers():
+    before = stats([1_000_000_000, 2_000_000_000], 10, 40, 1000, 100)
+    # 2 s of wall time: worker 0 ran 1.8 s, worker 1 ran 1.0 s -> (0.9 + 0.5) / 2.
+    after = stats([2_800_000_000, 3_000_000_000], 30, 120, 4000, 400)
+    split = server_split(before, after, elapsed=2.0)
+    assert split["workers"] == 2
+    assert split["engine_busy_share"] == pytest.approx(0.7)
+    assert split["launches"] == 20
+    assert split["average_batch_size"] == pytest.approx(4.0)
+    assert split["padding_share"] == pytest.approx(300 / 3300)
+
+
+def test_one_worker_and_missing_documents():
+    before, after = stats([0], 0, 0, 0, 0), stats([500_000_000], 5, 5, 50, 0)
+    assert server_split(before, after, elapsed=1.0)["engine_busy_share"] == pytest.approx(0.5)
+    assert server_split({}, after, elapsed=1.0) == {}
