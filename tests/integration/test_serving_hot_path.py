@@ -145,7 +145,12 @@ def test_null_runner_answers_with_zeros_of_the_engine_signature(
 def test_served_text_bench_checks_every_reply_on_every_protocol(
     server: ServerThread, minilm_serving_engine: Path
 ) -> None:
-    from trtpipe.bench.served_text import ServedTextConfig, run_served_text, served_text_table
+    from trtpipe.bench.served_text import (
+        PROTOCOLS,
+        ServedTextConfig,
+        run_served_text,
+        served_text_table,
+    )
 
     port, grpc_port = server.server.http_port, server.server.grpc_port
     texts = [t for t in TEXTS if len(t) < 100] * 3
@@ -157,7 +162,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             texts=texts,
             engine_dir=minilm_serving_engine,
             concurrency=[1, 4],
-            protocols=["openai", "v2-text", "v2-tokens", "grpc-text", "grpc-tokens"],
+            protocols=list(PROTOCOLS),
             max_requests=24,
             duration_s=30,
             c1_runs=3,
@@ -168,6 +173,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
     data = result["served_text"]
     assert [p["protocol"] for p in data["protocols"]] == [
         "openai",
+        "openai-float",
         "v2-text",
         "v2-tokens",
         "grpc-text",

@@ -1,16 +1,19 @@
 """The load generator's clients: one sentence in, its sentence embedding out, per protocol.
 
-Request bodies are built once per sentence before timing, so a level measures the server, not
-the client's encoding. HTTP clients share one aiohttp session with keep-alive connections; gRPC
-uses tritonclient's asyncio client (what Triton users run).
+Request bodies are built once per sentence before timing and replies are parsed with orjson,
+so a level measures the server, not the client (which shares the machine's cores with it). HTTP
+clients share one aiohttp session with keep-alive connections; gRPC uses tritonclient's asyncio
+client (what Triton users run).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from trtpipe.errors import InputError
 
@@ -53,17 +56,34 @@ class Client:
 
 
 class OpenAIClient(Client):
-    """POST /v1/embeddings, one sentence, float vectors (what the openai client sends)."""
+    """POST /v1/embeddings, one sentence, base64 vectors: what the openai SDK sends when the
+    caller gives no ``encoding_format`` (and decodes itself)."""
+
+    encoding_format = "base64"
 
     async def open(self) -> None:
         await super().open()
-        self.bodies = [json.dumps({"model": self.model, "input": t}).encode() for t in self.texts]
+        self.bodies = [
+            json.dumps(
+                {"model": self.model, "input": t, "encoding_format": self.encoding_format}
+            ).encode()
+            for t in self.texts
+        ]
 
     async def embed(self, index: int) -> np.ndarray:
         payload, _ = await self._post(
             "/v1/embeddings", self.bodies[index], {"Content-Type": "application/json"}
         )
-        return np.asarray(json.loads(payload)["data"][0]["embedding"], dtype=np.float32)
+        vector = orjson.loads(payload)["data"][0]["embedding"]
+        if self.encoding_format == "base64":
+            return np.frombuffer(base64.b64decode(vector), dtype="<f4").copy()
+        return np.asarray(vector, dtype=np.float32)
+
+
+class OpenAIFloatClient(OpenAIClient):
+    """As :class:`OpenAIClient` with ``encoding_format: float`` (JSON numbers)."""
+
+    encoding_format = "float"
 
 
 class V2TextClient(Client):
@@ -87,7 +107,7 @@ class V2TextClient(Client):
             self.bodies[index],
             {"Content-Type": "application/json"},
         )
-        output = json.loads(payload)["outputs"][0]
+        output = orjson.loads(payload)["outputs"][0]
         return np.asarray(output["data"], dtype=np.float32)
 
 
@@ -181,6 +201,7 @@ class GrpcTokensClient(GrpcClient):
 
 CLIENTS: dict[str, type[Client]] = {
     "openai": OpenAIClient,
+    "openai-float": OpenAIFloatClient,
     "v2-text": V2TextClient,
     "v2-tokens": V2TokensClient,
     "grpc-text": GrpcClient,

@@ -100,7 +100,8 @@ PATH = click.Path(path_type=Path)
     "--protocols",
     default="openai",
     show_default=True,
-    help="Online mode with --texts: openai, v2-text, v2-tokens, grpc-text, grpc-tokens.",
+    help="Online mode with --texts: openai (base64 vectors, the openai SDK's default), "
+    "openai-float, v2-text, v2-tokens, grpc-text, grpc-tokens.",
 )
 @click.option("--grpc-url", help="Online mode with --texts: the server's gRPC HOST:PORT.")
 @click.option(
