@@ -68,9 +68,17 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
     tokenizer = load_tokenizer(str(engine))
     inputs = [s.name for s in EngineDir(engine).manifest.inputs]
     files: dict[str, tuple[Path, str, str, str]] = {}
-    openai = work / "openai.txt"
-    openai.write_text("\n".join(json.dumps({"model": model, "input": s}) for s in SENTENCES) + "\n")
-    files["openai"] = (openai, "/v1/embeddings", "application/json", "")
+    # "openai": base64 vectors, what the openai SDK asks for by default; "openai-float": numbers.
+    for name, encoding in (("openai", "base64"), ("openai-float", "float")):
+        path = work / f"{name}.txt"
+        path.write_text(
+            "\n".join(
+                json.dumps({"model": model, "input": s, "encoding_format": encoding})
+                for s in SENTENCES
+            )
+            + "\n"
+        )
+        files[name] = (path, "/v1/embeddings", "application/json", "")
     v2_text = work / "v2_text.txt"
     v2_text.write_text(
         "\n".join(
@@ -148,7 +156,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--port", type=int, default=18080)
-    parser.add_argument("--protocols", default="openai,v2-text,v2-binary")
+    parser.add_argument("--protocols", default="openai,openai-float,v2-text,v2-binary")
     parser.add_argument("--real-engine", action="store_true", help="serve the engine itself")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
