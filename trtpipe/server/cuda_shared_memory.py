@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request, Response
 
 from trtpipe.errors import TrtpipeError
 from trtpipe.server.control_body import control_body
-from trtpipe.server.protocol import SharedMemoryError
+from trtpipe.server.protocol import SharedMemoryError, int_at_least
 from trtpipe.server.shared_memory import (
     SystemSharedMemory,
     enabled_registry,
@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 OFF_MESSAGE = (
     "this server does not support CUDA shared memory unless started with --allow-shared-memory"
 )
-
-
-def _count(value: Any, what: str, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SharedMemoryError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class CudaRegion:
@@ -127,8 +121,8 @@ def register(
 
     if not isinstance(name, str) or not name:
         raise SharedMemoryError("a CUDA shared memory region needs a name")
-    device_id = _count(device_id, "device_id")
-    byte_size = _count(byte_size, "byte_size", 1)
+    device_id = int_at_least(device_id, "device_id")
+    byte_size = int_at_least(byte_size, "byte_size", 1)
     if not isinstance(raw_handle, bytes) or len(raw_handle) != HANDLE_SIZE:
         size = len(raw_handle) if isinstance(raw_handle, bytes) else type(raw_handle).__name__
         raise SharedMemoryError(

@@ -235,9 +235,10 @@ def shared_memory_off(name: str) -> ProtocolError:
     )
 
 
-def non_negative_int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SharedMemoryError(f"{what} must be an integer >= 0, got {value!r}")
+def int_at_least(value: Any, what: str, minimum: int = 0) -> int:
+    """A shared memory size, offset or device id: an int (not a bool) >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SharedMemoryError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -250,8 +251,8 @@ def shared_memory_ref(params: dict[str, Any], tensor: str) -> SharedMemoryRef | 
         raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_region must be a name")
     if "shared_memory_byte_size" not in params:
         raise SharedMemoryError(f"tensor {tensor!r}: shared_memory_byte_size is required")
-    size = non_negative_int(params["shared_memory_byte_size"], "shared_memory_byte_size")
-    offset = non_negative_int(params.get("shared_memory_offset", 0), "shared_memory_offset")
+    size = int_at_least(params["shared_memory_byte_size"], "shared_memory_byte_size")
+    offset = int_at_least(params.get("shared_memory_offset", 0), "shared_memory_offset")
     return SharedMemoryRef(region, size, offset)
 
 

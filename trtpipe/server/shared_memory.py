@@ -38,7 +38,7 @@ from trtpipe.server.protocol import (
     RequestedOutput,
     SharedMemoryError,
     SharedMemoryRef,
-    non_negative_int,
+    int_at_least,
     raw_data,
 )
 
@@ -98,8 +98,8 @@ class SystemSharedMemory:
             raise SharedMemoryError(
                 f"shared memory key {key!r} is not a plain shm name (e.g. /input_data)"
             )
-        offset = non_negative_int(offset, "offset")
-        byte_size = non_negative_int(byte_size, "byte_size")
+        offset = int_at_least(offset, "offset")
+        byte_size = int_at_least(byte_size, "byte_size")
         if byte_size == 0:
             raise SharedMemoryError("byte_size must be > 0")
         path = SHM_DIR / key.lstrip("/")
