@@ -1,13 +1,19 @@
-"""The front end's ceiling: `trtpipe serve --null-runner` driven by wrk (a compiled load generator).
+"""The front end's ceiling: `trtpipe serve --null-runner` driven by compiled load generators.
 
 The null runner answers every launch with zeros of the engine's output shapes at no cost, so
-what this measures is HTTP parsing, routing, JSON, tokenization, batching and dispatch alone:
-the rate a deployment whose engine is much faster than the front end (a GPU) runs into.
+what this measures is HTTP/gRPC parsing, routing, JSON, tokenization, batching and dispatch
+alone: the rate a deployment whose engine is much faster than the front end (a GPU) runs into.
 
     python scripts/frontend_ceiling.py ENGINE_DIR [--connections 64] [--seconds 10]
 
-Needs `wrk` (Debian: apt-get install wrk). Prints req/s per protocol and writes JSON with
---json. Python clients cannot drive these rates on 2 cores; wrk can, from one thread.
+HTTP protocols need `wrk` (Debian: apt-get install wrk); `grpc-tokens` needs `h2load`
+(Debian: apt-get install nghttp2-client), which speaks HTTP/2 and so sends gRPC's framed
+ModelInfer requests itself. Prints req/s per protocol and writes JSON with --json. Python
+clients cannot drive these rates on 2 cores; wrk and h2load can, from one thread.
+
+h2load sees HTTP status only, and gRPC carries its errors in trailers under HTTP 200, so the
+gRPC row also counts the server's own success and failure counters (/metrics) over the run:
+`grpc_failures` must be 0 and `grpc_successes` must equal the requests h2load completed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 SENTENCES = [
     "A man is eating food.",
@@ -108,16 +115,111 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
     return files
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
+    """One gRPC-framed ModelInfer request (token tensors of one sentence, raw contents as
+    tritonclient sends them). h2load repeats one body, so the gRPC row uses the sentence of
+    median length of SENTENCES."""
+    import struct
+
+    from tritonclient.grpc import service_pb2
+
+    from trtpipe.bench.served_clients import POOLED, token_arrays
+    from trtpipe.engine import EngineDir
+    from trtpipe.text import load_tokenizer
+
+    tokenizer = load_tokenizer(str(engine))
+    inputs = [s.name for s in EngineDir(engine).manifest.inputs]
+    ids = sorted(tokenizer(SENTENCES)["input_ids"], key=len)[len(SENTENCES) // 2]
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, array in token_arrays(ids, inputs).items():
+        tensor = request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+        assert tensor.name == name
+    request.outputs.add(name=POOLED)
+    message = request.SerializeToString()
+    path = work / "grpc_tokens.bin"
+    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)  # uncompressed frame
+    return path
+
+
+def request_counters(url: str, model: str) -> tuple[float, float]:
+    """The server's (success, failure) request counters of one model, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    counts = {"success": 0.0, "failure": 0.0}
+    for kind in counts:
+        found = re.search(
+            rf'^nv_inference_request_{kind}{{model="{model}"[^}}]*}} (\S+)$', text, re.M
+        )
+        if found:
+            counts[kind] = float(found.group(1))
+    return counts["success"], counts["failure"]
+
+
+def h2load(
+    grpc_url: str, body: Path, connections: int, requests: int, pid: int, counters: Any = None
+) -> dict[str, float]:
+    """``requests`` unary ModelInfer calls from h2load, one stream per connection (as wrk's
+    connections). A fixed count, not a duration, so that the server's counters must match;
+    ``counters`` reads them (None: a server without them)."""
+    success0, failure0 = counters() if counters else (0.0, 0.0)
+    cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
+    out = subprocess.run(
+        [
+            "h2load",
+            f"-c{connections}",
+            "-m1",
+            f"-n{requests}",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-d",
+            str(body),
+            grpc_url + "/inference.GRPCInferenceService/ModelInfer",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    server_cpu = cpu_seconds(pid) - cpu0
+    main_cpu = main_thread_seconds(pid) - main0
+    success1, failure1 = counters() if counters else (0.0, 0.0)
+    rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"(\d+) done", out).group(1))  # type: ignore[union-attr]
+    succeeded = int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    return {
+        "requests_per_s": rate,
+        "server_cpu_us_per_request": 1e6 * server_cpu / max(done, 1),
+        "main_thread_us_per_request": 1e6 * main_cpu / max(done, 1),
+        "non_2xx": float(requests - succeeded),
+        "socket_errors": "",  # type: ignore[dict-item]
+        "mean_ms": float(mean.group(1)) * scale[mean.group(2)] if mean else float("nan"),
+        "completed": float(done),
+        "grpc_successes": success1 - success0,
+        "grpc_failures": failure1 - failure0,
+    }
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process and its threads, or of one thread (from /proc)."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_seconds(pid: int) -> float:
+    """CPU time of the server's main thread alone: the event loop, which holds the GIL for
+    all of the front end's Python, so its share per request is what bounds the ceiling."""
+    return cpu_seconds(pid, pid)
 
 
 def wrk(
     url: str, script: Path, connections: int, seconds: int, threads: int, pid: int
 ) -> dict[str, float]:
-    cpu0 = cpu_seconds(pid)
+    cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
     out = subprocess.run(
         [
             "wrk",
@@ -134,6 +236,7 @@ def wrk(
         check=True,
     ).stdout
     server_cpu = cpu_seconds(pid) - cpu0
+    main_cpu = main_thread_seconds(pid) - main0
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -143,6 +246,7 @@ def wrk(
     return {
         "requests_per_s": rate,
         "server_cpu_us_per_request": 1e6 * server_cpu / max(done, 1),
+        "main_thread_us_per_request": 1e6 * main_cpu / max(done, 1),
         "non_2xx": float(bad.group(1)) if bad else 0.0,
         "socket_errors": errors.group(0) if errors else "",  # type: ignore[dict-item]
         "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
@@ -155,18 +259,21 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("--port", type=int, default=18080)
-    parser.add_argument("--protocols", default="openai,openai-float,v2-text,v2-binary")
+    parser.add_argument("--port", type=int, default=18080, help="HTTP; gRPC listens on the next")
+    parser.add_argument("--protocols", default="openai,openai-float,v2-text,v2-binary,grpc-tokens")
     parser.add_argument("--real-engine", action="store_true", help="serve the engine itself")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 2
+    protocols = args.protocols.split(",")
+    needed = {"h2load" if p.startswith("grpc") else "wrk" for p in protocols}
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if tool in needed and shutil.which(tool) is None:
+            print(f"error: {tool} is not installed (apt-get install {package})", file=sys.stderr)
+            return 2
     model = "m"
     trtpipe = str(Path(sys.executable).parent / "trtpipe")
     command = [trtpipe, "serve", "--name", f"{model}={args.engine}"]
-    command += ["--http-port", str(args.port), "--grpc-port", "0"]
+    command += ["--http-port", str(args.port), "--grpc-port", str(args.port + 1)]
     if not args.real_engine:
         command.append("--null-runner")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -174,6 +281,7 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     try:
         url = f"http://127.0.0.1:{args.port}"
+        grpc_url = f"http://127.0.0.1:{args.port + 1}"
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
@@ -188,29 +296,30 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             files = write_bodies(work, args.engine, model)
-            for protocol in args.protocols.split(","):
-                bodies, path, content_type, extra = files[protocol]
-                script = work / f"{protocol}.lua"
-                script.write_text(
-                    LUA
-                    % {
-                        "bodies": bodies,
-                        "content_type": content_type,
-                        "path": path,
-                        "extra": extra,
-                    }
+            for protocol in protocols:
+                if protocol == "grpc-tokens":
+                    results[protocol] = run_grpc(args, work, model, url, grpc_url, server.pid)
+                else:
+                    results[protocol] = run_http(
+                        args, work, files[protocol], protocol, url, server.pid
+                    )
+                result = results[protocol]
+                latency = (
+                    f"mean {result['mean_ms']:.2f} ms"
+                    if "mean_ms" in result
+                    else f"p50 {result['p50_ms']:.2f} ms"
                 )
-                wrk(url, script, args.connections, 2, args.threads, server.pid)  # warm-up
-                results[protocol] = wrk(
-                    url, script, args.connections, args.seconds, args.threads, server.pid
+                grpc_check = (
+                    f", h2load completed {result['completed']:.0f}, server counted "
+                    f"{result['grpc_successes']:.0f} ok {result['grpc_failures']:.0f} failed"
+                    if "grpc_successes" in result
+                    else ""
                 )
                 print(
-                    f"{protocol:<10} c{args.connections}: "
-                    f"{results[protocol]['requests_per_s']:.0f} req/s, "
-                    f"p50 {results[protocol]['p50_ms']:.2f} ms, server CPU "
-                    f"{results[protocol]['server_cpu_us_per_request']:.0f} us/request, "
-                    f"non-2xx {results[protocol]['non_2xx']:.0f} "
-                    f"{results[protocol]['socket_errors']}"
+                    f"{protocol:<11} c{args.connections}: {result['requests_per_s']:.0f} req/s, "
+                    f"{latency}, server CPU {result['server_cpu_us_per_request']:.0f} us/request "
+                    f"({result['main_thread_us_per_request']:.0f} on the loop thread), "
+                    f"non-2xx {result['non_2xx']:.0f}{grpc_check} {result['socket_errors']}"
                 )
     finally:
         server.send_signal(signal.SIGTERM)
@@ -218,6 +327,38 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def run_http(
+    args: argparse.Namespace,
+    work: Path,
+    files: tuple[Path, str, str, str],
+    protocol: str,
+    url: str,
+    pid: int,
+) -> dict[str, float]:
+    """wrk with a Lua script that cycles through the protocol's bodies: warm-up, then the run."""
+    bodies, path, content_type, extra = files
+    script = work / f"{protocol}.lua"
+    script.write_text(
+        LUA % {"bodies": bodies, "content_type": content_type, "path": path, "extra": extra}
+    )
+    wrk(url, script, args.connections, 2, args.threads, pid)  # warm-up
+    return wrk(url, script, args.connections, args.seconds, args.threads, pid)
+
+
+def run_grpc(
+    args: argparse.Namespace, work: Path, model: str, url: str, grpc_url: str, pid: int
+) -> dict[str, float]:
+    """h2load: a warm-up that also sizes the run, then about --seconds worth of requests."""
+    body = write_grpc_body(work, args.engine, model)
+
+    def counters() -> tuple[float, float]:
+        return request_counters(url, model)
+
+    warm = h2load(grpc_url, body, args.connections, 2000, pid, counters)
+    requests = max(1000, int(warm["requests_per_s"] * args.seconds))
+    return h2load(grpc_url, body, args.connections, requests, pid, counters)
 
 
 if __name__ == "__main__":
