@@ -145,12 +145,15 @@ def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
 def request_counters(url: str, model: str) -> tuple[float, float]:
     """The server's (success, failure) request counters of one model, from /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as reply:
-        text = reply.read().decode()
+        return parse_request_counters(reply.read().decode(), model)
+
+
+def parse_request_counters(text: str, model: str) -> tuple[float, float]:
+    """(success, failure) of ``model`` in Prometheus text; 0 where a counter is absent."""
     counts = {"success": 0.0, "failure": 0.0}
     for kind in counts:
-        found = re.search(
-            rf'^nv_inference_request_{kind}{{model="{model}"[^}}]*}} (\S+)$', text, re.M
-        )
+        line = rf'^nv_inference_request_{kind}{{model="{re.escape(model)}"[^}}]*}} (\S+)$'
+        found = re.search(line, text, re.M)
         if found:
             counts[kind] = float(found.group(1))
     return counts["success"], counts["failure"]

@@ -1,0 +1,69 @@
+"""The gRPC row of scripts/frontend_ceiling.py: the body h2load sends is a well-formed
+ModelInfer that the server's own decoder reads back as the sentence's token tensors, and the
+counters that stand in for gRPC status (h2load cannot see trailers) are read per model."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def ceiling():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import frontend_ceiling
+
+        yield frontend_ceiling
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+def test_grpc_body_is_a_framed_model_infer_of_one_sentence(
+    ceiling, tiny_bert_engine: Path, tmp_path: Path
+) -> None:
+    from tritonclient.grpc import service_pb2
+
+    from trtpipe.engine import EngineDir
+    from trtpipe.server.grpc_codec import decode_request
+    from trtpipe.text import load_tokenizer
+
+    frame = ceiling.write_grpc_body(tmp_path, tiny_bert_engine, "m").read_bytes()
+    assert frame[0] == 0  # not compressed
+    (length,) = struct.unpack(">I", frame[1:5])
+    assert length == len(frame) - 5
+    request = service_pb2.ModelInferRequest.FromString(frame[5:])
+    assert request.model_name == "m"
+    assert [o.name for o in request.outputs] == ["sentence_embedding"]
+
+    decoded = decode_request(request)
+    tokenizer = load_tokenizer(str(tiny_bert_engine))
+    ids = sorted(tokenizer(ceiling.SENTENCES)["input_ids"], key=len)[len(ceiling.SENTENCES) // 2]
+    names = [s.name for s in EngineDir(tiny_bert_engine).manifest.inputs]
+    assert [t.name for t in decoded.inputs] == names
+    by_name = {t.name: t for t in decoded.inputs}
+    assert by_name["input_ids"].datatype == "INT64"
+    np.testing.assert_array_equal(by_name["input_ids"].data, np.asarray([ids]))
+    np.testing.assert_array_equal(by_name["attention_mask"].data, np.ones((1, len(ids))))
+
+
+def test_counters_are_read_for_the_named_model_only(ceiling) -> None:  # type: ignore[no-untyped-def]
+    text = "\n".join(
+        [
+            "# TYPE nv_inference_request_success counter",
+            'nv_inference_request_success{model="m2",version="1"} 7.0',
+            'nv_inference_request_success{model="m",version="1"} 36299.0',
+            "# TYPE nv_inference_request_failure counter",
+            'nv_inference_request_failure{model="m",version="1"} 3.0',
+            'nv_inference_request_failure{model="m2",version="1"} 1.0',
+        ]
+    )
+    assert ceiling.parse_request_counters(text, "m") == (36299.0, 3.0)
+    assert ceiling.parse_request_counters(text, "m2") == (7.0, 1.0)
+    assert ceiling.parse_request_counters(text, "absent") == (0.0, 0.0)
