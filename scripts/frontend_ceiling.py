@@ -166,8 +166,7 @@ def h2load(
     connections). A fixed count, not a duration, so that the server's counters must match;
     ``counters`` reads them (None: a server without them)."""
     success0, failure0 = counters() if counters else (0.0, 0.0)
-    cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
-    out = subprocess.run(
+    out, server_cpu, main_cpu = run_load(
         [
             "h2load",
             f"-c{connections}",
@@ -181,25 +180,20 @@ def h2load(
             str(body),
             grpc_url + "/inference.GRPCInferenceService/ModelInfer",
         ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    server_cpu = cpu_seconds(pid) - cpu0
-    main_cpu = main_thread_seconds(pid) - main0
+        pid,
+    )
     success1, failure1 = counters() if counters else (0.0, 0.0)
     rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
     done = int(re.search(r"(\d+) done", out).group(1))  # type: ignore[union-attr]
     succeeded = int(re.search(r"(\d+) succeeded", out).group(1))  # type: ignore[union-attr]
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     return {
         "requests_per_s": rate,
         "server_cpu_us_per_request": 1e6 * server_cpu / max(done, 1),
         "main_thread_us_per_request": 1e6 * main_cpu / max(done, 1),
         "non_2xx": float(requests - succeeded),
         "socket_errors": "",  # type: ignore[dict-item]
-        "mean_ms": float(mean.group(1)) * scale[mean.group(2)] if mean else float("nan"),
+        "mean_ms": float(mean.group(1)) * MS_PER_UNIT[mean.group(2)] if mean else float("nan"),
         "completed": float(done),
         "grpc_successes": success1 - success0,
         "grpc_failures": failure1 - failure0,
@@ -219,11 +213,21 @@ def main_thread_seconds(pid: int) -> float:
     return cpu_seconds(pid, pid)
 
 
+MS_PER_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_load(command: list[str], pid: int) -> tuple[str, float, float]:
+    """Run a load generator; its output, and the server's CPU seconds (all threads, and the
+    loop thread alone) spent meanwhile."""
+    cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return out, cpu_seconds(pid) - cpu0, main_thread_seconds(pid) - main0
+
+
 def wrk(
     url: str, script: Path, connections: int, seconds: int, threads: int, pid: int
 ) -> dict[str, float]:
-    cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
-    out = subprocess.run(
+    out, server_cpu, main_cpu = run_load(
         [
             "wrk",
             f"-t{threads}",
@@ -234,25 +238,20 @@ def wrk(
             str(script),
             url,
         ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    server_cpu = cpu_seconds(pid) - cpu0
-    main_cpu = main_thread_seconds(pid) - main0
+        pid,
+    )
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     return {
         "requests_per_s": rate,
         "server_cpu_us_per_request": 1e6 * server_cpu / max(done, 1),
         "main_thread_us_per_request": 1e6 * main_cpu / max(done, 1),
         "non_2xx": float(bad.group(1)) if bad else 0.0,
         "socket_errors": errors.group(0) if errors else "",  # type: ignore[dict-item]
-        "p50_ms": float(p50.group(1)) * scale[p50.group(2)] if p50 else float("nan"),
+        "p50_ms": float(p50.group(1)) * MS_PER_UNIT[p50.group(2)] if p50 else float("nan"),
     }
 
 
