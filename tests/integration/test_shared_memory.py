@@ -157,6 +157,10 @@ def test_regions_are_confined(server: ServerThread, regions: Any, module: Any) -
         "not a plain shm name",
     )
     refused(lambda: client.register_system_shared_memory("gone", "/no_such_shm_x", 16), "no shm")
+    refused(
+        lambda: client.register_system_shared_memory("empty", f"/{KEY}_in", 0),
+        "byte_size must be an integer >= 1",
+    )
     inputs, outputs = tensors(client, module)
     refused(
         lambda: client.register_system_shared_memory("input_data", f"/{KEY}_in", 8),

@@ -365,7 +365,7 @@ def json_data(array: np.ndarray) -> list[Any] | np.ndarray:
     faster than a list of Python numbers and shorter, since a float32 is written in its
     shortest float32 form (384 floats: 5 us and 4.2 KB against 10 us and 7.5 KB). Read back
     as the tensor's datatype, the values are the same."""
-    flat = np.ascontiguousarray(np.asarray(array).ravel(order="C"))
+    flat = np.asarray(array).ravel(order="C")  # always C-contiguous, as orjson needs
     if flat.dtype.kind in "OSU":
         return [
             v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in flat

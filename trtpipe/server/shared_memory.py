@@ -99,9 +99,7 @@ class SystemSharedMemory:
                 f"shared memory key {key!r} is not a plain shm name (e.g. /input_data)"
             )
         offset = int_at_least(offset, "offset")
-        byte_size = int_at_least(byte_size, "byte_size")
-        if byte_size == 0:
-            raise SharedMemoryError("byte_size must be > 0")
+        byte_size = int_at_least(byte_size, "byte_size", 1)
         path = SHM_DIR / key.lstrip("/")
         try:
             fd = os.open(path, os.O_RDWR)
