@@ -54,7 +54,7 @@ def serve(pool: DevicePool, config: BatcherConfig, reqs: list[dict]) -> tuple[li
             outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
         finally:
             await batcher.stop()
-        return list(outs), batcher.stats
+        return list(outs), batcher
 
     return asyncio.run(main())
 
@@ -69,8 +69,9 @@ def test_64_concurrent_mixed_requests_each_match_the_request_run_alone(
         for _ in range(64)
     ]
     with DevicePool.for_engine(engine, parse_devices("cpu:2")) as pool:
-        outs, stats = serve(pool, BatcherConfig(max_queue_delay_ms=5), reqs)
+        outs, batcher = serve(pool, BatcherConfig(max_queue_delay_ms=5), reqs)
         status = pool.devices_status()
+    stats = batcher.stats
     for feeds, out in zip(reqs, outs, strict=True):
         assert_same(out, alone.infer(feeds))
     rows = sum(r["input_ids"].shape[0] for r in reqs)
@@ -81,6 +82,9 @@ def test_64_concurrent_mixed_requests_each_match_the_request_run_alone(
     assert [s["device"] for s in status] == ["cpu:0", "cpu:1"]
     assert all(s["healthy"] and s["executions"] > 0 for s in status)
     assert sum(s["inferences"] for s in status) == rows
+    # every launch was timed on its device and taught the launch cost model
+    assert batcher.launch_costs.launches == stats.execution_count
+    assert sum(s["compute_ns"] for s in status) > 0
 
 
 def test_short_request_padded_into_a_long_batch_gives_its_alone_outputs(
@@ -91,7 +95,8 @@ def test_short_request_padded_into_a_long_batch_gives_its_alone_outputs(
     reqs = [make_request(engine, rng, 1, 5), make_request(engine, rng, 2, 61)]
     config = BatcherConfig(max_queue_delay_ms=100, adaptive_delay=False, group_by_length=False)
     with DevicePool.for_engine(engine, [Device("cpu", 0)]) as pool:
-        outs, stats = serve(pool, config, reqs)
+        outs, batcher = serve(pool, config, reqs)
+        stats = batcher.stats
     assert stats.execution_count == 1  # really shared one launch, padded 5 -> 64
     assert stats.padded_tokens == 64 - 5 + 2 * (64 - 61)
     for feeds, out in zip(reqs, outs, strict=True):

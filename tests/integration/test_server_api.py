@@ -364,6 +364,9 @@ def test_64_concurrent_clients_each_get_their_own_rows(
     assert inferences / executions > 1.0, (inferences, executions)
     success = after["inference_stats"]["success"]["count"]
     assert success - before["inference_stats"]["success"]["count"] == 64
+    learnt = after["launch_overhead_positions"]  # null until 32 launches can tell it
+    assert learnt >= 0 if learnt is not None else "launch_overhead_positions" in after
+    assert after["execution_count"] >= 32 or learnt is None
     print(f"64 clients in {elapsed:.2f}s, mean batch {inferences / executions:.2f}")
 
 

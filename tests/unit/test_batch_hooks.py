@@ -33,6 +33,9 @@ class EchoPool:
         self.launches.append(feeds["input_ids"])
         return {"ids_out": feeds["input_ids"].copy()}
 
+    async def run_timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        return await self.run(feeds), 0
+
 
 def test_launches_use_the_hooks_pad_ids_and_each_request_gets_its_rows() -> None:
     pool = EchoPool()

@@ -74,3 +74,17 @@ def test_any_queue_gives_a_valid_launch(
     ]
     assert not inside or sum(rows[i] for i in picked) + min(rows[i] for i in inside) > max_rows
     assert np.all(np.asarray(lengths)[picked] >= 0)
+
+
+def test_launch_overhead_stops_growth_once_padding_costs_more_than_it_saves() -> None:
+    # MiniLM on one CPU thread: a launch costs about 7 positions besides its positions.
+    lengths = [28, 28, 27, 29, 25]
+    rows = [1] * 5
+    # Padding alone allows all five (5.5% padding) ...
+    assert nearest_lengths(lengths, rows, 32, 0.1) == [0, 1, 2, 3, 4]
+    # ... but after 28, 28, 27 the 29 would lengthen three rows to save a 7-position launch.
+    assert nearest_lengths(lengths, rows, 32, 0.1, launch_overhead=7.0) == [0, 1, 2]
+    # A launch that is mostly fixed cost (a GPU) takes all of them, as without the model.
+    assert nearest_lengths(lengths, rows, 32, 0.1, launch_overhead=5000.0) == [0, 1, 2, 3, 4]
+    # Equal lengths never add padding, so they always share a launch.
+    assert nearest_lengths([16] * 6, [1] * 6, 32, 0.1, launch_overhead=0.0) == list(range(6))

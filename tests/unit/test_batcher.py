@@ -231,6 +231,33 @@ def test_cpu_rule_launches_near_lengths_together_with_little_padding() -> None:
     assert stats.padding_ratio < 0.1
 
 
+@pytest.mark.parametrize("learn", [True, False])
+def test_learnt_launch_cost_keeps_padding_that_costs_more_than_it_saves_out(learn: bool) -> None:
+    harness = Harness(
+        max_queue_delay_ms=30,
+        adaptive_delay=False,
+        bucket_multiple=1,
+        max_padding_share=0.1,
+        learn_launch_cost=learn,
+    )
+    for positions in range(10, 400, 3):  # launches so far: 0.6 ms + 80 us per position
+        harness.batcher.launch_costs.record(positions, 0.6e-3 + 80e-6 * positions)
+    lengths = [28, 28, 27, 29, 25]
+    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+
+    run(harness, scenario)
+    if learn:  # 28, 28, 27 first; the 29 would pad three rows to save a 7.5-position launch
+        assert [shape for _, shape in harness.launches] == [(3, 28), (2, 29)]
+    else:  # padding alone (5.5%) lets all five share one launch
+        assert [shape for _, shape in harness.launches] == [(5, 29)]
+    assert harness.batcher.launch_costs.launches == 130 + len(harness.launches)
+
+
 def test_left_padding_cuts_per_token_outputs_from_the_right_place() -> None:
     harness = Harness(
         max_queue_delay_ms=30, adaptive_delay=False, padding_side="left", max_padding_share=0.9

@@ -144,6 +144,28 @@ def test_async_run_uses_the_same_order() -> None:
     assert [int(o[0, 0]) for o in outs] == [0, 2, 4, 6]
 
 
+def test_run_timed_reports_the_runners_time_not_the_queueing() -> None:
+    gate, entered = threading.Event(), threading.Semaphore(0)
+    pool, calls, _ = make_pool(1, "shared_queue", gates={0: gate}, entered=entered)
+
+    async def main() -> tuple[int, int, float]:
+        held = asyncio.ensure_future(pool.run_timed(feeds(1)))
+        await reached(entered)
+        queued = asyncio.ensure_future(pool.run_timed(feeds(2)))  # waits behind the held one
+        started = time.perf_counter()
+        await asyncio.sleep(0.05)
+        gate.set()
+        (first, first_ns), (second, second_ns) = await asyncio.gather(held, queued)
+        assert int(first["y"][0, 0]) == 2 and int(second["y"][0, 0]) == 4
+        return first_ns, second_ns, time.perf_counter() - started
+
+    with pool:
+        first_ns, second_ns, waited = asyncio.run(main())
+    assert calls == ["cpu:0", "cpu:0"]
+    assert first_ns >= 50e6  # held on the device for the 50 ms
+    assert waited >= 0.05 and 0 < second_ns < 25e6  # queued 50 ms, ran at once
+
+
 async def reached(entered: threading.Semaphore, times: int = 1) -> None:
     """Wait until ``times`` more calls have started on some device (no sleeps)."""
     for _ in range(times):

@@ -226,6 +226,7 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
         "average_batch_size": launches["average_batch_size"],
         "workers": workers,
         "engine_busy_share": busy_ns / 1e9 / elapsed / workers if elapsed > 0 else None,
+        "launch_overhead_positions": after.get("launch_overhead_positions"),
     }
 
 

@@ -82,6 +82,13 @@ import click
     "its nearest neighbours in length within it (default: 0.1 on CPUs, 0.5 on GPUs).",
 )
 @click.option(
+    "--learn-launch-cost/--no-learn-launch-cost",
+    default=True,
+    show_default=True,
+    help="Also stop a launch where the next request's padding would cost more than the launch "
+    "overhead it shares, learnt from the device time of recent launches.",
+)
+@click.option(
     "--max-queue-size",
     type=click.IntRange(1),
     default=1024,
@@ -179,6 +186,7 @@ def command(
     cpu_spin: bool = True,
     cpu_share_session: bool = True,
     max_padding_share: float | None = None,
+    learn_launch_cost: bool = True,
     model_control_mode: str = "none",
     load_models: tuple[str, ...] = (),
     allow_shared_memory: bool = False,
@@ -224,6 +232,7 @@ def command(
         cpu_spin=cpu_spin,
         share_cpu_session=cpu_share_session,
         max_padding_share=max_padding_share,
+        learn_launch_cost=learn_launch_cost,
     )
     if null_runner:
         click.echo("--null-runner: every output is zeros (front-end ceiling only)", err=True)

@@ -26,6 +26,9 @@ class BatcherConfig:
     # Launch the oldest request with its nearest neighbours in length (False: in arrival order).
     group_by_length: bool = True
     max_padding_share: float = CPU_MAX_PADDING_SHARE
+    # Also stop growing a launch once the next request's padding would cost more than the
+    # launch overhead it shares (the overhead learnt from the batcher's launches: launch_cost).
+    learn_launch_cost: bool = True
     # Skip the queue delay when the last launch carried one request and nothing else waits,
     # so a lone client is not charged the delay; under load batching behaves as configured.
     adaptive_delay: bool = True

@@ -5,9 +5,10 @@ and launched when the queue holds ``max_batch_size`` rows or its oldest request 
 ``max_queue_delay_ms``. Requests of different sequence lengths share a launch by padding
 (attention mask 0) to the longest in the batch rounded up to a multiple of ``bucket_multiple``;
 a launch takes the oldest request and its nearest neighbours in length while padding stays
-within ``max_padding_share`` (``batch_plan``). Up to one batch per healthy device is in flight,
-plus one prepared ahead, so N devices work at once and none waits for the next launch; while
-they are busy requests pile up and batches grow by themselves.
+within ``max_padding_share`` and costs less than the launch overhead it shares, which the
+batcher learns from its own launches (``batch_plan``, ``launch_cost``). Up to one batch per
+healthy device is in flight, plus one prepared ahead, so N devices work at once and none waits
+for the next launch; while they are busy requests pile up and batches grow by themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from trtpipe.runners.base import validate_feeds
 from trtpipe.runtime.batch_config import BatcherConfig
 from trtpipe.runtime.batch_hooks import BatchHooks, PaddingHooks
 from trtpipe.runtime.batch_plan import nearest_lengths, padded_length
+from trtpipe.runtime.launch_cost import LaunchCostModel
 from trtpipe.runtime.padding import Layout
 from trtpipe.runtime.pool import DevicePool
 from trtpipe.runtime.stats import BatcherStats
@@ -76,6 +78,7 @@ class DynamicBatcher:
         self._make_hooks = hooks or self._padding_hooks
         self._hooks: BatchHooks | None = None
         self.stats = BatcherStats()
+        self.launch_costs = LaunchCostModel()
         self._groups: dict[tuple[Any, ...], deque[_Request]] = {}
         self._group_rows: dict[tuple[Any, ...], int] = {}
         self._pending = 0
@@ -302,6 +305,7 @@ class DynamicBatcher:
             self.config.max_padding_share,
             self.config.bucket_multiple,
             self._layout.max_seq if self._layout is not None else None,
+            self.launch_costs.overhead_positions() if self.config.learn_launch_cost else None,
         )
         chosen = set(picked)
         left = deque(r for i, r in enumerate(group) if i not in chosen)
@@ -403,7 +407,7 @@ class DynamicBatcher:
             padded = self._padded_length(batch)
             feeds = hooks.prepare([(r.feeds, r.rows) for r in batch], padded)
             infer_ns = time.perf_counter_ns()
-            outputs = await self.pool.run(feeds)
+            outputs, device_ns = await self.pool.run_timed(feeds)
             output_ns = time.perf_counter_ns()
             results = hooks.split(outputs, [(r.rows, r.seq_len) for r in batch], padded)
             end_ns = time.perf_counter_ns()
@@ -415,6 +419,7 @@ class DynamicBatcher:
                 self._fail(request, error)
         else:
             rows = sum(r.rows for r in batch)
+            self.launch_costs.record(rows * padded, device_ns / 1e9)
             stats = self.stats
             stats.record_execution(rows, output_ns - infer_ns)
             stats.real_tokens += sum(r.rows * r.seq_len for r in batch)

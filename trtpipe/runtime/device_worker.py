@@ -33,13 +33,14 @@ CLOSED = "closed"
 class Job:
     """One already-batched launch on its way to a device; ``tried`` names devices that failed it."""
 
-    __slots__ = ("feeds", "future", "started", "tried")
+    __slots__ = ("device_ns", "feeds", "future", "started", "tried")
 
     def __init__(self, feeds: dict[str, np.ndarray]):
         self.feeds = feeds
         self.future: Future[dict[str, np.ndarray]] = Future()
         self.started = False
         self.tried: set[int] = set()
+        self.device_ns = 0  # the runner's time for the launch that answered it
 
 
 class DeviceWorker:

@@ -238,6 +238,12 @@ class DevicePool:
         """One already-batched launch on the next free healthy device (awaitable)."""
         return await asyncio.wrap_future(self._submit(feeds).future)
 
+    async def run_timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """:meth:`run`, plus the nanoseconds the device's runner took (no queueing)."""
+        job = self._submit(feeds)
+        outputs = await asyncio.wrap_future(job.future)
+        return outputs, job.device_ns
+
     def run_sync(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Same as :meth:`run`, blocking, for code without an event loop."""
         return self._submit(feeds).future.result()
@@ -356,6 +362,7 @@ class DevicePool:
                 worker.inferences += batch_rows(job.feeds, runner.inputs)
                 worker.compute_ns += elapsed
                 worker.failures_in_a_row = 0
+            job.device_ns = elapsed
             job.future.set_result(outputs)
 
     def _batch_failed(self, worker: DeviceWorker, job: Job, exc: Exception) -> None:

@@ -36,6 +36,8 @@ class ServeConfig:
     share_cpu_session: bool = True
     # Largest share of a launch that may be padding (None: by device kind, see padding_rule).
     max_padding_share: float | None = None
+    # Stop a launch where padding costs more than the learnt launch overhead (batch_plan).
+    learn_launch_cost: bool = True
 
     def encoder_devices(self) -> list[Device]:
         """The devices an encoder model's pool runs on.

@@ -155,6 +155,8 @@ def model_statistics(model: ServedFacts) -> dict[str, Any]:
             "real": int(stats.get("real_tokens", 0)),
             "padding": int(stats.get("padded_tokens", 0)),
         },
+        # The launch overhead the batcher has learnt, in sequence positions (null: not yet).
+        "launch_overhead_positions": stats.get("launch_overhead_positions"),
         "devices": model.devices_status(),
     }
 

@@ -95,6 +95,7 @@ class ServedModel:
                 timeout_s=self.config.timeout_s,
                 bucket_multiple=bucket_multiple,
                 max_padding_share=max_padding_share,
+                learn_launch_cost=self.config.learn_launch_cost,
             ),
             hooks=self._batch_hooks,
         )
@@ -180,6 +181,7 @@ class ServedModel:
         if self.batcher is None:
             return {}
         data: dict[str, Any] = self.batcher.stats.to_dict()
+        data["launch_overhead_positions"] = self.batcher.launch_costs.overhead_positions()
         return data
 
     @property
