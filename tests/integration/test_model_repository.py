@@ -205,6 +205,28 @@ def test_load_and_unload_over_http_and_grpc(explicit: ServerThread):
     assert not http.is_model_ready("beta")
 
 
+def test_startup_heap_is_frozen_and_unloaded_models_are_still_freed(explicit: ServerThread):
+    """The server freezes what it loaded (full gc passes skip it), yet a reloaded or unloaded
+    model, which the freeze covered, is collected: no engine is leaked by load/unload."""
+    import gc
+    import weakref
+
+    assert gc.get_freeze_count() > 0
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{explicit.server.http_port}")
+    x = np.ones((2, 4), dtype=np.float32)
+    http.load_model("beta")
+    http.load_model("beta")  # a reload: the first beta is retired
+    models = explicit.server.repository.models
+    first_alpha = weakref.ref(models["alpha"])
+    http.load_model("alpha")  # a reload of a model loaded (and frozen) at startup
+    assert first_alpha() is None, "the reloaded model was not freed"
+    np.testing.assert_allclose(http_infer(http, "alpha", x), expected("alpha", x), atol=1e-5)
+    beta = weakref.ref(models["beta"])
+    http.unload_model("beta")
+    assert beta() is None, "the unloaded model was not freed"
+    assert gc.get_freeze_count() > 0
+
+
 def test_unload_drains_requests_in_flight(explicit: ServerThread):
     """Requests accepted before the unload (one batch running, the rest queued) all complete
     with the right answer; the unload returns after them, and the model is gone."""

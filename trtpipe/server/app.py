@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from trtpipe.errors import InputError
+from trtpipe.server import heap
 from trtpipe.server.draining import DrainingMiddleware
 from trtpipe.server.fast_path import FastPath
 from trtpipe.server.grpc import create_grpc_server
@@ -125,6 +126,7 @@ class InferenceServer:
         except BaseException:
             await self.stop()
             raise
+        heap.freeze_loaded()
         self.state.started = True
         log.debug(
             "serving %s (http %s, grpc %s)",
@@ -204,6 +206,7 @@ class InferenceServer:
         if self.repository.shared_memory is not None:  # unmap (CUDA: cudaIpcCloseMemHandle)
             await asyncio.to_thread(self.repository.shared_memory.close)
         self._uvicorn = self._http_task = self._grpc = self._drain = None
+        heap.release()
         log.info("server stopped")
 
     async def _drain_http(self, server: _Uvicorn, task: asyncio.Task[None]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trtpipe.errors import InputError, TrtpipeError
+from trtpipe.server import heap
 from trtpipe.server.config import PoolFactory, ServeConfig
 from trtpipe.server.errors import ModelNotFoundError
 
@@ -151,8 +152,10 @@ class ModelControl:
             # Swap in one step of the event loop: no request sees the name missing.
             previous = [t.pop(name) for t in (self.models, self.generators) if name in t]
             table[name] = loaded
-            for old in previous:  # a reload: the old one drains after the swap
-                await _retire(old, f"model {name!r} was reloaded; send the request again")
+            while previous:  # a reload: the old one drains after the swap (and is let go)
+                reason = f"model {name!r} was reloaded; send the request again"
+                await _retire(previous.pop(), reason)
+        heap.refreeze()
         log.info("model %s loaded from %s", name, self.available[name])
 
     async def _load_tensor_model(self, name: str, engine: Any) -> Any:
@@ -215,6 +218,8 @@ class ModelControl:
                 if self.generators.get(name) is model:
                     del self.generators[name]
                 self._transitions.pop(name, None)
+            del model
+            heap.refreeze()
         log.info("model %s unloaded", name)
 
 
