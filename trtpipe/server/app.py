@@ -48,6 +48,8 @@ class ServerConfig:
     # on one gets 503 + Connection: close) before they are closed.
     drain_linger_s: float = 2.0
     access_log: bool = False
+    # Freeze what the models loaded out of the garbage collector's full passes (server.heap).
+    freeze_heap: bool = True
 
 
 class _Uvicorn(uvicorn.Server):
@@ -126,7 +128,8 @@ class InferenceServer:
         except BaseException:
             await self.stop()
             raise
-        heap.freeze_loaded()
+        if self.config.freeze_heap:
+            heap.freeze_loaded()
         self.state.started = True
         log.debug(
             "serving %s (http %s, grpc %s)",
