@@ -128,6 +128,18 @@ def check(feeds: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(out["sentence"], ids.sum(axis=1))
 
 
+def run_lengths(harness: Harness, lengths: list[int]) -> None:
+    """One single-row request per length, all submitted at once; each reply is its own rows."""
+    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
+        for feeds, out in zip(reqs, outs, strict=True):
+            check(feeds, out)
+
+    run(harness, scenario)
+
+
 def test_concurrent_requests_of_mixed_lengths_each_get_their_own_rows() -> None:
     harness = Harness(devices=2, max_queue_delay_ms=5)
     rng = np.random.default_rng(0)
@@ -215,15 +227,7 @@ def test_cpu_rule_launches_near_lengths_together_with_little_padding() -> None:
     harness = Harness(
         max_queue_delay_ms=30, adaptive_delay=False, bucket_multiple=1, max_padding_share=0.1
     )
-    lengths = [20, 40, 21, 5, 39, 19, 6, 41]
-    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
-
-    async def scenario(batcher: DynamicBatcher) -> None:
-        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
-        for feeds, out in zip(reqs, outs, strict=True):
-            check(feeds, out)
-
-    run(harness, scenario)
+    run_lengths(harness, [20, 40, 21, 5, 39, 19, 6, 41])
     assert harness.launches[0][1] == (3, 21)  # 20 (oldest), 21, 19
     assert sorted(shape for _, shape in harness.launches) == [(2, 6), (3, 21), (3, 41)]
     stats = harness.batcher.stats
@@ -242,15 +246,7 @@ def test_learnt_launch_cost_keeps_padding_that_costs_more_than_it_saves_out(lear
     )
     for positions in range(10, 400, 3):  # launches so far: 0.6 ms + 80 us per position
         harness.batcher.launch_costs.record(positions, 0.6e-3 + 80e-6 * positions)
-    lengths = [28, 28, 27, 29, 25]
-    reqs = [request(i, 1, n) for i, n in enumerate(lengths)]
-
-    async def scenario(batcher: DynamicBatcher) -> None:
-        outs = await asyncio.gather(*(batcher.submit(r) for r in reqs))
-        for feeds, out in zip(reqs, outs, strict=True):
-            check(feeds, out)
-
-    run(harness, scenario)
+    run_lengths(harness, [28, 28, 27, 29, 25])
     if learn:  # 28, 28, 27 first; the 29 would pad three rows to save a 7.5-position launch
         assert [shape for _, shape in harness.launches] == [(3, 28), (2, 29)]
     else:  # padding alone (5.5%) lets all five share one launch
