@@ -84,14 +84,13 @@ def nearest_lengths(
                 best = (share, index, side, positions)
         if best is None:
             break
+        share_now, index, side, grown = best
         if launch_overhead is not None and real > 0:
-            index, grown = best[1], best[3]
             now = padded_length(shortest, longest, multiple, limit) * total_rows
             if (launch_overhead + grown) * real > (launch_overhead + now) * (
                 real + rows[index] * lengths[index]
             ):
                 break
-        share_now, index, side, _ = best
         low, high = (low - 1, high) if side < 0 else (low, high + 1)
         chosen.append(index)
         total_rows += rows[index]

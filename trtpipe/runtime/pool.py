@@ -236,7 +236,8 @@ class DevicePool:
     # -- running a batch -----------------------------------------------------------------------
     async def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One already-batched launch on the next free healthy device (awaitable)."""
-        return await asyncio.wrap_future(self._submit(feeds).future)
+        outputs, _ = await self.run_timed(feeds)
+        return outputs
 
     async def run_timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """:meth:`run`, plus the nanoseconds the device's runner took (no queueing)."""
