@@ -419,6 +419,29 @@ def test_statistics_and_metrics_agree(
     assert got["nv_device_healthy"] == 2  # both CPU workers
 
 
+def test_metrics_export_the_process_and_the_event_loop_cpu(server: ServerThread) -> None:
+    """prometheus-client's standard process metrics, and the CPU seconds of the event loop's
+    thread alone (the served-text bench divides both by the requests of a level). The server
+    runs in this test's process, so the process figure also holds the test's own CPU."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    process, loop = "process_cpu_seconds_total", "trtpipe_event_loop_cpu_seconds_total"
+
+    def cpu() -> dict[str, float]:
+        status, raw = fetch(server, "/metrics")
+        assert status == 200
+        families = text_string_to_metric_families(raw.decode())
+        return {s.name: s.value for f in families for s in f.samples if s.name in (process, loop)}
+
+    before = cpu()
+    for _ in range(10):
+        status, _ = fetch(server, f"/v2/models/{MODEL}/infer", infer_body(good_tensors()))
+        assert status == 200
+    after = cpu()
+    assert after[loop] > before[loop] > 0
+    assert after[process] >= before[process] > before[loop]
+
+
 def test_keep_alive_requests_are_not_delayed_by_nagle(server: ServerThread) -> None:
     """Responses go out at once on a reused connection: the server's accepted socket has
     TCP_NODELAY (without it keep-alive clients wait ~40 ms per response, Nagle against delayed

@@ -54,7 +54,8 @@ def metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, raw = fetch(port, "/metrics")
     assert status == 200
     text = raw.decode()
-    assert "nv_inference_request_success{" in text and "_total" not in text
+    assert "nv_inference_request_success{" in text
+    assert not [line for line in text.splitlines() if line.startswith("nv_") and "_total" in line]
     return {
         (family.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)

@@ -191,6 +191,10 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             server_side = level["server"]
             assert server_side["workers"] == 1  # the fixture serves on one device
             assert 0 < server_side["engine_busy_share"] <= 1.0
+            # From /metrics: the event loop's CPU is part of the process's (which here also
+            # holds this test's client and the engine).
+            loop_us = server_side["loop_cpu_us_per_request"]
+            assert 0 < loop_us < server_side["server_cpu_us_per_request"]
         c1 = proto["levels"][0]
         assert len(c1["overhead_p50_ms_runs"]) == 3
         assert c1["overhead_p50_ms"] == sorted(c1["overhead_p50_ms_runs"])[1]
@@ -201,7 +205,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         )
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
-    assert "mean over the model's" in table
+    assert "mean over the model's" in table and "loop us/req" in table
 
 
 def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: Path) -> None:

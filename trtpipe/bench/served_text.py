@@ -199,6 +199,45 @@ async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
         return _model_stats(await response.json(), config.model) if response.ok else {}
 
 
+PROCESS_CPU = "process_cpu_seconds_total"  # prometheus-client's standard process metric
+LOOP_CPU = "trtpipe_event_loop_cpu_seconds_total"  # trtpipe.server.metrics.LoopCpuCollector
+
+
+async def _server_cpu(config: ServedTextConfig) -> dict[str, float]:
+    """The server's process and event loop CPU seconds, read off its /metrics (empty for a
+    server that exports neither)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = config.url if "://" in config.url else f"http://{config.url}"
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{url}/metrics") as response,
+        ):
+            if not response.ok:
+                return {}
+            text = await response.text()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    except (aiohttp.ClientError, ValueError):
+        return {}
+    wanted = {PROCESS_CPU: "process", LOOP_CPU: "loop"}
+    return {wanted[s.name]: float(s.value) for s in samples if s.name in wanted}
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """Server CPU per answered request over a level, in microseconds: all of the process
+    (engine included) and the event loop thread alone (the front end's Python). On a CPU
+    server both share the cores with the engine, so this is what the front end costs under
+    load, not on an idle machine."""
+    names = {"process": "server_cpu_us_per_request", "loop": "loop_cpu_us_per_request"}
+    return {
+        name: (after[key] - before[key]) / requests * 1e6
+        for key, name in names.items()
+        if requests and key in before and key in after
+    }
+
+
 def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, Any]:
     """What the server did between two statistics documents: launches, their average size and
     the share of the wall time the engine was running, averaged over the model's workers (0 to
@@ -236,7 +275,7 @@ async def _level(
     texts, count = config.texts, len(config.texts)
     floor = agreement_floor(offline.precision)
     await asyncio.gather(*(client.embed(i) for i in range(concurrency)))  # warm connections
-    stats_before = await _server_stats(config)
+    stats_before, cpu_before = await _server_stats(config), await _server_cpu(config)
     latencies: list[float] = []
     wrong: list[int] = []
     errors: list[str] = []
@@ -268,6 +307,7 @@ async def _level(
     elapsed = time.perf_counter() - start
     client_cpu = (time.process_time() - cpu0) / elapsed
     server = server_split(stats_before, await _server_stats(config), elapsed)
+    server.update(cpu_split(cpu_before, await _server_cpu(config), len(latencies)))
     if not latencies:
         raise InputError(f"every request failed ({errors[0] if errors else '?'})")
     rate = len(latencies) / elapsed
@@ -324,13 +364,15 @@ async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -
                 level = await _level(client, config, offline, concurrency)
             levels.append(level)
             log.info(
-                "%s c%d: %.1f req/s (%.0f%% of offline), wrong %d, client CPU %.0f%%",
+                "%s c%d: %.1f req/s (%.0f%% of offline), wrong %d, client CPU %.0f%%, "
+                "event loop %s us/request",
                 protocol,
                 concurrency,
                 level["requests_per_s"],
                 100 * (level["of_offline_sorted"] or 0),
                 level["wrong_replies"],
                 100 * level["client_cpu_share"],
+                _micros(level["server"].get("loop_cpu_us_per_request")),
             )
         return {"protocol": protocol, "levels": levels}
     finally:
@@ -378,7 +420,8 @@ def served_text_table(data: dict[str, Any]) -> str:
         f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms",
         f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10} "
-        f"{'avg batch':>9} {'padding':>7} {'engine busy':>11}",
+        f"{'avg batch':>9} {'padding':>7} {'engine busy':>11} {'srv us/req':>10} "
+        f"{'loop us/req':>11}",
     ]
     for proto in data["protocols"]:
         for level in proto["levels"]:
@@ -391,7 +434,9 @@ def served_text_table(data: dict[str, Any]) -> str:
                 f"{_pct(level['client_cpu_share']):>10} "
                 f"{_batch(level.get('server', {}).get('average_batch_size')):>9} "
                 f"{_pct(level.get('server', {}).get('padding_share')):>7} "
-                f"{_pct(level.get('server', {}).get('engine_busy_share')):>11}"
+                f"{_pct(level.get('server', {}).get('engine_busy_share')):>11} "
+                f"{_micros(level.get('server', {}).get('server_cpu_us_per_request')):>10} "
+                f"{_micros(level.get('server', {}).get('loop_cpu_us_per_request')):>11}"
             )
             if "overhead_p50_ms" in level:
                 runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
@@ -412,11 +457,19 @@ def served_text_table(data: dict[str, Any]) -> str:
             "engine busy: the share of the wall time a worker's engine ran, the mean over the "
             f"model's {'/'.join(str(n) for n in sorted(workers))} worker(s)"
         )
+    lines.append(
+        "srv / loop us/req: the server's CPU per answered request, all of it (engine included) "
+        "and its event loop thread's alone (the front end's Python), from its /metrics"
+    )
     return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _micros(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _batch(value: float | None) -> str:

@@ -119,6 +119,7 @@ class InferenceServer:
     async def start(self) -> None:
         if self._stop_requested is None:
             self._stop_requested = asyncio.Event()
+        self.metrics.loop_cpu.watch()
         try:
             check_port_free(self.config.host, self.config.http_port, "HTTP")
             check_port_free(self.config.host, self.config.grpc_port, "gRPC")

@@ -4,15 +4,19 @@ Nothing is counted twice: request counts come from the served models, inference/
 counts per device from the pool, queue/compute durations from the batcher. Each server has its
 own ``CollectorRegistry`` so several servers (and tests) in one process never collide. Counters
 keep Triton's exact names (no ``_total`` suffix) so existing Triton dashboards work unchanged.
+Beside them, the process's standard Prometheus metrics (``process_cpu_seconds_total`` and the
+rest, on Linux) and the CPU seconds of the event loop's thread (:class:`LoopCpuCollector`).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -126,6 +130,47 @@ class RepositoryCollector(Collector):
         yield from families.values()
 
 
+LOOP_CPU = "trtpipe_event_loop_cpu_seconds"
+
+
+class LoopCpuCollector(Collector):
+    """CPU seconds of the event loop's thread (``trtpipe_event_loop_cpu_seconds_total``).
+
+    That thread runs all of the front end's Python: HTTP and gRPC requests, tokenizing, the
+    batcher. On a CPU server it shares the cores with the engine, so its CPU per request is the
+    front end's cost under load (``trtpipe bench --url`` reports it per level). Nothing is
+    reported until :meth:`watch` names the thread, or where the platform has no per-thread
+    CPU clock.
+    """
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+
+    def watch(self) -> None:
+        """Watch the calling thread (call it on the event loop)."""
+        self.thread = threading.current_thread()
+
+    def seconds(self) -> float | None:
+        thread = self.thread
+        if thread is None or thread.ident is None or not hasattr(time, "pthread_getcpuclockid"):
+            return None
+        if not thread.is_alive():  # its pthread handle may be gone: never ask for its clock
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        seconds = self.seconds()
+        if seconds is not None:
+            family = CounterMetricFamily(
+                LOOP_CPU, "CPU seconds of the event loop thread (the front end's Python)"
+            )
+            family.add_metric([], seconds)
+            yield family
+
+
 class ServerMetrics:
     """A private registry for one server."""
 
@@ -135,6 +180,9 @@ class ServerMetrics:
         from trtpipe.server.generation_metrics import GenerationCollector
 
         self.registry.register(GenerationCollector(lambda: dict(repository.generators)))
+        ProcessCollector(registry=self.registry)
+        self.loop_cpu = LoopCpuCollector()
+        self.registry.register(self.loop_cpu)
 
     def render(self) -> bytes:
         return render(self.registry)
