@@ -20,13 +20,18 @@ from trtpipe.errors import InputError
 POOLED = "sentence_embedding"
 
 
+def http_url(address: str) -> str:
+    """``HOST:PORT`` (what ``--url`` takes) or a full URL -> a URL with its scheme."""
+    return address if "://" in address else f"http://{address}"
+
+
 class Client:
     """Sends sentence ``index`` and returns the reply's sentence embedding."""
 
     def __init__(
         self, url: str, model: str, texts: list[str], ids: list[list[int]], inputs: list[str]
     ):
-        self.url = url if "://" in url else f"http://{url}"
+        self.url = http_url(url)
         self.model = model
         self.texts = texts
         self.ids = ids

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from trtpipe.bench.common import timed
-from trtpipe.bench.served_clients import CLIENTS, Client, client_for
+from trtpipe.bench.served_clients import CLIENTS, Client, client_for, http_url
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
@@ -191,7 +191,7 @@ async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
 
     from trtpipe.bench.online import _model_stats
 
-    url = config.url if "://" in config.url else f"http://{config.url}"
+    url = http_url(config.url)
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{url}/v2/models/{config.model}/stats") as response,
@@ -200,7 +200,6 @@ async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
 
 
 PROCESS_CPU = "process_cpu_seconds_total"  # prometheus-client's standard process metric
-LOOP_CPU = "trtpipe_event_loop_cpu_seconds_total"  # trtpipe.server.metrics.LoopCpuCollector
 
 
 async def _server_cpu(config: ServedTextConfig) -> dict[str, float]:
@@ -209,7 +208,9 @@ async def _server_cpu(config: ServedTextConfig) -> dict[str, float]:
     import aiohttp
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = config.url if "://" in config.url else f"http://{config.url}"
+    from trtpipe.server.metrics import LOOP_CPU
+
+    url = http_url(config.url)
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -221,7 +222,7 @@ async def _server_cpu(config: ServedTextConfig) -> dict[str, float]:
         samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     except (aiohttp.ClientError, ValueError):
         return {}
-    wanted = {PROCESS_CPU: "process", LOOP_CPU: "loop"}
+    wanted = {PROCESS_CPU: "process", f"{LOOP_CPU}_total": "loop"}
     return {wanted[s.name]: float(s.value) for s in samples if s.name in wanted}
 
 
