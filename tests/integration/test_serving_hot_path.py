@@ -191,6 +191,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             server_side = level["server"]
             assert server_side["workers"] == 1  # the fixture serves on one device
             assert 0 < server_side["engine_busy_share"] <= 1.0
+            assert server_side["engine_ms_per_request"] > 0 and server_side["queue_ms"] >= 0
             # From /metrics: the event loop's CPU is part of the process's (which here also
             # holds this test's client and the engine).
             loop_us = server_side["loop_cpu_us_per_request"]
@@ -206,6 +207,10 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
     assert "mean over the model's" in table and "loop us/req" in table
+    assert "engine ms/req" in table and "ms per sentence on 1 thread(s)" in table
+    assert data["offline"]["sorted_ms_per_sentence"] == pytest.approx(
+        1000.0 / data["offline"]["sorted_sentences_per_s"]
+    )
 
 
 def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: Path) -> None:

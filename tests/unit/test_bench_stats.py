@@ -139,6 +139,7 @@ def test_server_statistics_delta() -> None:
     assert delta["compute_infer_ms"] == pytest.approx(4.0)
     assert delta["compute_ms"] == pytest.approx(4.0)
     assert delta["average_batch_size"] == pytest.approx(4.0)
+    assert delta["inferences"] == 100 and delta["executions"] == 25
 
 
 def _manifest(max_batch: int, max_seq: int) -> Manifest:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from trtpipe.bench.served_text import cpu_split, server_split
+from trtpipe.bench.served_text import Offline, cpu_split, served_text_table, server_split
 
 
 def stats(compute_ns: list[int], executions: int, inferences: int, real: int, padding: int):
@@ -26,6 +27,51 @@ def test_engine_busy_is_the_mean_over_workers():
     assert split["launches"] == 20
     assert split["average_batch_size"] == pytest.approx(4.0)
     assert split["padding_share"] == pytest.approx(300 / 3300)
+    # 2.8 s inside the engines for 80 answered requests; no queue statistics in these documents.
+    assert split["engine_ms_per_request"] == pytest.approx(35.0)
+    assert split["queue_ms"] is None
+
+
+def test_queue_wait_and_engine_time_per_request():
+    before = stats([0, 0], 0, 0, 0, 0)
+    after = stats([300_000_000, 200_000_000], 20, 50, 1000, 0)
+    after["inference_stats"] = {
+        "success": {"count": 50, "ns": 0},
+        "queue": {"count": 50, "ns": 600_000_000},
+    }
+    split = server_split(before, after, elapsed=1.0)
+    assert split["queue_ms"] == pytest.approx(12.0)  # 0.6 s of waiting over 50 requests
+    assert split["engine_ms_per_request"] == pytest.approx(10.0)  # 0.5 s of engine / 50
+
+
+def test_offline_time_per_sentence_counts_its_threads():
+    offline = Offline(
+        vectors=np.zeros((1, 2), np.float32),
+        direct_p50_ms=1.0,
+        sorted_per_s=500.0,
+        arrival_per_s={},
+        ids=[[1]],
+        precision="int8",
+        inputs=["input_ids"],
+        threads=2,
+    )
+    assert offline.sorted_ms_per_sentence == pytest.approx(4.0)  # 2 threads x 1/500 s
+    text = served_text_table(
+        {
+            "model": "m",
+            "texts": 1,
+            "mean_tokens": 1.0,
+            "protocols": [],
+            "offline": {
+                "precision": "int8",
+                "sorted_sentences_per_s": 500.0,
+                "direct_batch1_p50_ms": 1.0,
+                "threads": 2,
+                "sorted_ms_per_sentence": 4.0,
+            },
+        }
+    )
+    assert "sorted 4.00 ms per sentence on 2 thread(s)" in text
 
 
 def test_one_worker_and_missing_documents():

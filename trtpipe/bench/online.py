@@ -94,6 +94,7 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
     executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
     inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
     result["executions"] = executions
+    result["inferences"] = inferences
     result["average_batch_size"] = inferences / executions if executions else None
     return result
 

@@ -67,6 +67,13 @@ class Offline:
     precision: str
     inputs: list[str]
     pad_id: int = 0
+    threads: int = 1  # the intra-op threads the offline runs used
+
+    @property
+    def sorted_ms_per_sentence(self) -> float:
+        """The sorted run's thread time per sentence, comparable to a served level's
+        ``engine_ms_per_request`` (one-thread workers, summed over workers)."""
+        return self.threads * 1000.0 / self.sorted_per_s if self.sorted_per_s else 0.0
 
 
 def offline_figures(config: ServedTextConfig) -> Offline:
@@ -89,7 +96,8 @@ def offline_figures(config: ServedTextConfig) -> Offline:
     ids = tokenizer(config.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
     lengths = np.array([len(t) for t in ids])
     pad_id = tokenizer.pad_token_id or 0
-    runner = engine_runner(engine, default_device(manifest), config.threads or cpu_cores())
+    threads = config.threads or cpu_cores()
+    runner = engine_runner(engine, default_device(manifest), threads)
     max_batch = manifest.max_batch_size
     with runner:
 
@@ -122,6 +130,7 @@ def offline_figures(config: ServedTextConfig) -> Offline:
         precision=manifest.precision,
         inputs=[s.name for s in manifest.inputs],
         pad_id=pad_id,
+        threads=threads,
     )
 
 
@@ -243,7 +252,13 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
     """What the server did between two statistics documents: launches, their average size and
     the share of the wall time the engine was running, averaged over the model's workers (0 to
     1 however many there are), which says whether a gap is the engine's (busy near 1) or the
-    front end's (the engines wait)."""
+    front end's (the engines wait).
+
+    Where the engines are busy, ``engine_ms_per_request`` (the workers' time inside the engine
+    per answered request, summed over workers) says why: set beside the offline sorted run's
+    time per sentence (its threads x 1 / its rate), it is the price of the launches the server
+    could form from what had arrived (their fixed cost, their padding, the cores shared with
+    the front end). ``queue_ms`` is a request's mean wait in the batcher's queue."""
 
     from trtpipe.bench.online import stats_delta
 
@@ -253,6 +268,7 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
     if not before or not after:
         return {}
     launches = stats_delta(before, after)
+    inferences = launches["inferences"]
     busy_ns = engine_ns(after) - engine_ns(before)
     workers = max(1, len(after.get("devices", [])))
     tokens = {
@@ -266,6 +282,8 @@ def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) 
         "average_batch_size": launches["average_batch_size"],
         "workers": workers,
         "engine_busy_share": busy_ns / 1e9 / elapsed / workers if elapsed > 0 else None,
+        "engine_ms_per_request": busy_ns / 1e6 / inferences if inferences > 0 else None,
+        "queue_ms": launches["queue_ms"],
         "launch_overhead_positions": after.get("launch_overhead_positions"),
     }
 
@@ -403,6 +421,8 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
             "mean_tokens": float(np.mean([len(t) for t in offline.ids])),
             "offline": {
                 "sorted_sentences_per_s": offline.sorted_per_s,
+                "threads": offline.threads,
+                "sorted_ms_per_sentence": offline.sorted_ms_per_sentence,
                 "arrival_sentences_per_s": offline.arrival_per_s,
                 "direct_batch1_p50_ms": offline.direct_p50_ms,
                 "precision": offline.precision,
@@ -418,11 +438,11 @@ def served_text_table(data: dict[str, Any]) -> str:
         f"served real text: {data['model']} ({offline['precision']}), {data['texts']} sentences, "
         f"mean {data['mean_tokens']:.1f} tokens",
         f"offline, same engine and sentences: sorted {offline['sorted_sentences_per_s']:.1f}/s, "
-        f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms",
+        f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms" + _sorted_cost(offline),
         f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10} "
         f"{'avg batch':>9} {'padding':>7} {'engine busy':>11} {'srv us/req':>10} "
-        f"{'loop us/req':>11}",
+        f"{'loop us/req':>11} {'queue ms':>8} {'engine ms/req':>13}",
     ]
     for proto in data["protocols"]:
         for level in proto["levels"]:
@@ -437,7 +457,9 @@ def served_text_table(data: dict[str, Any]) -> str:
                 f"{_pct(level.get('server', {}).get('padding_share')):>7} "
                 f"{_pct(level.get('server', {}).get('engine_busy_share')):>11} "
                 f"{_micros(level.get('server', {}).get('server_cpu_us_per_request')):>10} "
-                f"{_micros(level.get('server', {}).get('loop_cpu_us_per_request')):>11}"
+                f"{_micros(level.get('server', {}).get('loop_cpu_us_per_request')):>11} "
+                f"{_millis(level.get('server', {}).get('queue_ms')):>8} "
+                f"{_millis(level.get('server', {}).get('engine_ms_per_request')):>13}"
             )
             if "overhead_p50_ms" in level:
                 runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
@@ -462,6 +484,10 @@ def served_text_table(data: dict[str, Any]) -> str:
         "srv / loop us/req: the server's CPU per answered request, all of it (engine included) "
         "and its event loop thread's alone (the front end's Python), from its /metrics"
     )
+    lines.append(
+        "queue ms: a request's mean wait in the batcher; engine ms/req: the workers' time in the "
+        "engine per request, summed over workers (beside the offline sorted run's above)"
+    )
     return "\n".join(lines)
 
 
@@ -471,6 +497,18 @@ def _pct(value: float | None) -> str:
 
 def _micros(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+def _millis(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _sorted_cost(offline: dict[str, Any]) -> str:
+    """The offline sorted run's thread time per sentence (absent from older JSON files)."""
+    cost, threads = offline.get("sorted_ms_per_sentence"), offline.get("threads")
+    if not cost or not threads:
+        return ""
+    return f", sorted {cost:.2f} ms per sentence on {threads} thread(s)"
 
 
 def _batch(value: float | None) -> str:
