@@ -322,7 +322,10 @@ def run_online(config: OnlineConfig) -> dict[str, Any]:
 
         vocab = vocab_size(EngineDir(config.engine_dir).path)
     machine = machine_info()
-    levels, metadata = asyncio.run(_sweep(config, vocab))
+    # uvloop, as the server: on a shared machine the load generator's CPU is the server's loss.
+    from trtpipe.server.loop import run as run_loop
+
+    levels, metadata = run_loop(_sweep(config, vocab))
     result: dict[str, Any] = {
         "url": config.url,
         "model": config.model,

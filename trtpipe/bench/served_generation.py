@@ -126,8 +126,10 @@ def benchmark_served_generation(
     # Offline before and after the served levels (the server idles meanwhile): on a shared
     # machine the two show how much the load drifted; the ratio uses their mean.
     before = offline_rates() if engine_dir is not None else {}
+    from trtpipe.server.loop import run as run_loop  # uvloop, as the other served benches
+
     levels = [
-        asyncio.run(_level(url, model, prompts, c, max(1, -(-requests // c)), max_new_tokens))
+        run_loop(_level(url, model, prompts, c, max(1, -(-requests // c)), max_new_tokens))
         for c in concurrency
     ]
     after = offline_rates() if engine_dir is not None else {}

@@ -410,7 +410,10 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
     if config.max_requests < 1 or config.duration_s <= 0:
         raise InputError("--requests and --duration must be positive")
     offline = offline_figures(config)
-    protocols = [asyncio.run(_protocol(p, config, offline)) for p in config.protocols]
+    # uvloop, as the server: on a shared machine the load generator's CPU is the server's loss.
+    from trtpipe.server.loop import run as run_loop
+
+    protocols = [run_loop(_protocol(p, config, offline)) for p in config.protocols]
     return {
         "kind": "served_text",
         "machine": machine_info(),
