@@ -56,6 +56,8 @@ def test_offline_time_per_sentence_counts_its_threads():
         threads=2,
     )
     assert offline.sorted_ms_per_sentence == pytest.approx(4.0)  # 2 threads x 1/500 s
+    offline.threads = 0  # a GPU ran the offline passes: no thread time to compare
+    assert offline.sorted_ms_per_sentence is None
     text = served_text_table(
         {
             "model": "m",
@@ -72,6 +74,11 @@ def test_offline_time_per_sentence_counts_its_threads():
         }
     )
     assert "sorted 4.00 ms per sentence on 2 thread(s)" in text
+    gpu = {"sorted_sentences_per_s": 500.0, "direct_batch1_p50_ms": 1.0, "precision": "fp16"}
+    text = served_text_table(
+        {"model": "m", "texts": 1, "mean_tokens": 1.0, "protocols": [], "offline": gpu}
+    )
+    assert "ms per sentence" not in text
 
 
 def test_one_worker_and_missing_documents():

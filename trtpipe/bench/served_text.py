@@ -67,13 +67,15 @@ class Offline:
     precision: str
     inputs: list[str]
     pad_id: int = 0
-    threads: int = 1  # the intra-op threads the offline runs used
+    threads: int = 0  # the intra-op threads of the offline runs on a CPU (0: a GPU ran them)
 
     @property
-    def sorted_ms_per_sentence(self) -> float:
-        """The sorted run's thread time per sentence, comparable to a served level's
-        ``engine_ms_per_request`` (one-thread workers, summed over workers)."""
-        return self.threads * 1000.0 / self.sorted_per_s if self.sorted_per_s else 0.0
+    def sorted_ms_per_sentence(self) -> float | None:
+        """The sorted CPU run's thread time per sentence, comparable to a served level's
+        ``engine_ms_per_request`` (one-thread workers, summed over workers); None on a GPU."""
+        if not self.threads or not self.sorted_per_s:
+            return None
+        return self.threads * 1000.0 / self.sorted_per_s
 
 
 def offline_figures(config: ServedTextConfig) -> Offline:
@@ -96,8 +98,8 @@ def offline_figures(config: ServedTextConfig) -> Offline:
     ids = tokenizer(config.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
     lengths = np.array([len(t) for t in ids])
     pad_id = tokenizer.pad_token_id or 0
-    threads = config.threads or cpu_cores()
-    runner = engine_runner(engine, default_device(manifest), threads)
+    threads, device = config.threads or cpu_cores(), default_device(manifest)
+    runner = engine_runner(engine, device, threads)
     max_batch = manifest.max_batch_size
     with runner:
 
@@ -130,7 +132,7 @@ def offline_figures(config: ServedTextConfig) -> Offline:
         precision=manifest.precision,
         inputs=[s.name for s in manifest.inputs],
         pad_id=pad_id,
-        threads=threads,
+        threads=0 if device.is_gpu else threads,
     )
 
 
