@@ -197,9 +197,15 @@ def test_sigterm_under_load_resets_nothing(tiny_bert_engine: Path) -> None:
                 before = not signalled.is_set()
                 reused = conn.sock is not None
                 try:
+                    if not reused:
+                        # A new connection counts as sent before the signal only if it opened
+                        # before it: http.client would otherwise connect lazily, after the flag.
+                        conn.connect()
+                        before = not signalled.is_set()
                     status, close, _ = request(conn, "POST", f"/v2/models/{MODEL}/infer", body)
                 except ConnectionRefusedError:
-                    outcome = "refused"
+                    # Refused only once the listener closed, which is after the signal.
+                    before, outcome = not signalled.is_set(), "refused"
                 except (OSError, http.client.HTTPException) as error:  # reset, closed unanswered
                     outcome = repr(error)
                 else:
