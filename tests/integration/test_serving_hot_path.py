@@ -244,21 +244,11 @@ def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> Non
     pair of a c1 run reads them there, and spreads its sentences over what the run sent."""
     import asyncio
 
-    from trtpipe.bench.served_text import (
-        ServedTextConfig,
-        _sent_indices,
-        _server_stats,
-        _worker_threads,
-    )
+    from trtpipe.bench.served_text import _sent_indices, _worker_threads
+    from trtpipe.bench.server_readings import server_stats
     from trtpipe.devices import cpu_cores
 
-    config = ServedTextConfig(
-        url=f"127.0.0.1:{server.server.http_port}",
-        model="minilm",
-        texts=TEXTS,
-        engine_dir=Path("unused"),
-    )
-    stats = asyncio.run(_server_stats(config))
+    stats = asyncio.run(server_stats(f"127.0.0.1:{server.server.http_port}", "minilm"))
     # One CPU worker (devices=1) gets all of the machine's cores.
     assert [d["threads"] for d in stats["devices"]] == [cpu_cores()]
     assert _worker_threads(stats) == cpu_cores()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trtpipe.bench.served_text import Offline, cpu_split, served_text_table, server_split
+from trtpipe.bench.served_text import Offline, served_text_table
+from trtpipe.bench.server_readings import cpu_split, server_split
 
 
 def stats(compute_ns: list[int], executions: int, inferences: int, real: int, padding: int):

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from trtpipe.bench.common import timed
-from trtpipe.bench.served_clients import CLIENTS, Client, client_for, http_url
+from trtpipe.bench.served_clients import CLIENTS, Client, client_for
+from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
@@ -196,107 +197,13 @@ def agreement_floor(precision: str) -> float:
     return 0.999 if precision in ("fp32", "fp16") else 0.98
 
 
-async def _server_stats(config: ServedTextConfig) -> dict[str, Any]:
-    """The model's statistics document (Triton's format), read over HTTP."""
-    import aiohttp
-
-    from trtpipe.bench.online import _model_stats
-
-    url = http_url(config.url)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{url}/v2/models/{config.model}/stats") as response,
-    ):
-        return _model_stats(await response.json(), config.model) if response.ok else {}
-
-
-PROCESS_CPU = "process_cpu_seconds_total"  # prometheus-client's standard process metric
-
-
-async def _server_cpu(config: ServedTextConfig) -> dict[str, float]:
-    """The server's process and event loop CPU seconds, read off its /metrics (empty for a
-    server that exports neither)."""
-    import aiohttp
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from trtpipe.server.metrics import LOOP_CPU
-
-    url = http_url(config.url)
-    try:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{url}/metrics") as response,
-        ):
-            if not response.ok:
-                return {}
-            text = await response.text()
-        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-    except (aiohttp.ClientError, ValueError):
-        return {}
-    wanted = {PROCESS_CPU: "process", f"{LOOP_CPU}_total": "loop"}
-    return {wanted[s.name]: float(s.value) for s in samples if s.name in wanted}
-
-
-def cpu_split(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
-    """Server CPU per answered request over a level, in microseconds: all of the process
-    (engine included) and the event loop thread alone (the front end's Python). On a CPU
-    server both share the cores with the engine, so this is what the front end costs under
-    load, not on an idle machine."""
-    names = {"process": "server_cpu_us_per_request", "loop": "loop_cpu_us_per_request"}
-    return {
-        name: (after[key] - before[key]) / requests * 1e6
-        for key, name in names.items()
-        if requests and key in before and key in after
-    }
-
-
-def server_split(before: dict[str, Any], after: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    """What the server did between two statistics documents: launches, their average size and
-    the share of the wall time the engine was running, averaged over the model's workers (0 to
-    1 however many there are), which says whether a gap is the engine's (busy near 1) or the
-    front end's (the engines wait).
-
-    Where the engines are busy, ``engine_ms_per_request`` (the workers' time inside the engine
-    per answered request, summed over workers) says why: set beside the offline sorted run's
-    time per sentence (its threads x 1 / its rate), it is the price of the launches the server
-    could form from what had arrived (their fixed cost, their padding, the cores shared with
-    the front end). ``queue_ms`` is a request's mean wait in the batcher's queue."""
-
-    from trtpipe.bench.online import stats_delta
-
-    def engine_ns(doc: dict[str, Any]) -> int:  # inside runner.infer, on the device threads
-        return sum(int(d.get("compute_ns", 0)) for d in doc.get("devices", []))
-
-    if not before or not after:
-        return {}
-    launches = stats_delta(before, after)
-    inferences = launches["inferences"]
-    busy_ns = engine_ns(after) - engine_ns(before)
-    workers = max(1, len(after.get("devices", [])))
-    tokens = {
-        key: after.get("tokens", {}).get(key, 0) - before.get("tokens", {}).get(key, 0)
-        for key in ("real", "padding")
-    }
-    launched = tokens["real"] + tokens["padding"]
-    return {
-        "padding_share": tokens["padding"] / launched if launched else None,
-        "launches": launches["executions"],
-        "average_batch_size": launches["average_batch_size"],
-        "workers": workers,
-        "engine_busy_share": busy_ns / 1e9 / elapsed / workers if elapsed > 0 else None,
-        "engine_ms_per_request": busy_ns / 1e6 / inferences if inferences > 0 else None,
-        "queue_ms": launches["queue_ms"],
-        "launch_overhead_positions": after.get("launch_overhead_positions"),
-    }
-
-
 async def _level(
     client: Client, config: ServedTextConfig, offline: Offline, concurrency: int
 ) -> dict[str, Any]:
     texts, count = config.texts, len(config.texts)
     floor = agreement_floor(offline.precision)
     await asyncio.gather(*(client.embed(i) for i in range(concurrency)))  # warm connections
-    stats_before, cpu_before = await _server_stats(config), await _server_cpu(config)
+    stats_before, cpu_before = await read_server(config.url, config.model)
     latencies: list[float] = []
     wrong: list[int] = []
     errors: list[str] = []
@@ -327,8 +234,9 @@ async def _level(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     client_cpu = (time.process_time() - cpu0) / elapsed
-    server = server_split(stats_before, await _server_stats(config), elapsed)
-    server.update(cpu_split(cpu_before, await _server_cpu(config), len(latencies)))
+    stats_after, cpu_after = await read_server(config.url, config.model)
+    server = server_split(stats_before, stats_after, elapsed)
+    server.update(cpu_split(cpu_before, cpu_after, len(latencies)))
     if not latencies:
         raise InputError(f"every request failed ({errors[0] if errors else '?'})")
     rate = len(latencies) / elapsed
@@ -353,7 +261,11 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     """Five (``c1_runs``) c1 runs, each paired with a direct batch-1 call on the sentences it
     sent, right after it and with one server worker's threads; the overhead is the median of
     the five differences of p50."""
-    threads = config.threads or _worker_threads(await _server_stats(config)) or cpu_cores()
+    threads = (
+        config.threads
+        or _worker_threads(await server_stats(config.url, config.model))
+        or cpu_cores()
+    )
     results, overheads, directs = [], [], []
     with direct_batch1(config, offline, threads) as direct_p50_ms:
         for _ in range(config.c1_runs):
