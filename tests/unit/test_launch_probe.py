@@ -1,0 +1,49 @@
+"""scripts/launch_probe.py times a CPU engine's launches and names a one-token launch's costs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "launch_probe.py"
+
+
+def test_probe_prints_a_rate_per_batch_and_layout(tiny_bert_engine: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tiny_bert_engine),
+            "--batches",
+            "1,4",
+            "--rounds",
+            "1",
+            "--length",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", done.stdout, re.MULTILINE)
+    assert [int(r[0]) for r in rows] == [1, 4]
+    assert all(int(rate) > 0 for row in rows for rate in row[1:])
+    launch = re.search(r"one token, batch 1, one thread: (\d+) us a launch", done.stdout)
+    assert launch is not None and int(launch.group(1)) > 0
+    assert re.search(r"^  \w+: \d+ us \(\d+ nodes\)$", done.stdout, re.MULTILINE)
+
+
+def test_probe_refuses_a_directory_without_an_engine(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
