@@ -56,6 +56,20 @@ def feeds(engine: Any, rows: int, length: int) -> dict[str, np.ndarray]:
     }
 
 
+def outside_profile(engine: Any, batches: list[int], length: int) -> str | None:
+    """Why a probe shape is outside the engine's profile (None: all inside)."""
+    for name, shape_range in engine.manifest.profile.items():
+        if len(shape_range.min) != 2:
+            continue  # the probe feeds (batch, sequence) token inputs only
+        for rows in batches:
+            if not shape_range.contains((rows, length)):
+                return (
+                    f"batch {rows} x length {length} is outside the engine's profile for "
+                    f"{name} (min {shape_range.min}, max {shape_range.max})"
+                )
+    return None
+
+
 def rows_per_s(run: Any, rows: int, calls: int, workers: int = 1) -> float:
     def loop() -> None:
         for _ in range(calls):
@@ -93,7 +107,7 @@ def by_batch(engine: Any, args: argparse.Namespace) -> None:
         print(f"| {rows} | " + " | ".join(cells) + " |")
 
 
-def one_token_profile(engine: Any, calls: int = 50) -> None:
+def one_token_profile(engine: Any, calls: int = 50, warmup: int = 5) -> None:
     plain = session(engine, 1)
     names = [o.name for o in plain.get_outputs()]
     inputs = feeds(engine, 1, 1)
@@ -104,12 +118,15 @@ def one_token_profile(engine: Any, calls: int = 50) -> None:
     launch_us = 1e6 / statistics.median(rows_per_s(run, 1, calls) for _ in range(5))
     with tempfile.TemporaryDirectory() as tmp:
         profiled = session(engine, 1, tmp)
-        for _ in range(calls):
+        for _ in range(warmup + calls):
             profiled.run(names, inputs)
         events = json.loads(Path(profiled.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")
+    warm = runs[warmup - 1][0] + runs[warmup - 1][1]  # the warm-up runs' nodes are left out
     by_op: dict[str, list[float]] = collections.defaultdict(list)
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        timed = event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+        if timed and event["ts"] > warm:
             by_op[event["args"]["op_name"]].append(event["dur"])
     total = sum(sum(d) for d in by_op.values()) / calls
     print(
@@ -120,14 +137,33 @@ def one_token_profile(engine: Any, calls: int = 50) -> None:
         print(f"  {op}: {sum(durations) / calls:.0f} us ({len(durations) // calls} nodes)")
 
 
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number >= 1, got {text!r}")
+    return value
+
+
+def batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"want batch sizes >= 1 like 1,2,4, got {text!r}")
+    return sizes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engine", type=Path)
-    parser.add_argument("--length", type=int, default=18)
-    parser.add_argument("--batches", default="1,2,4,8,32")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--length", type=positive, default=18)
+    parser.add_argument("--batches", type=batch_sizes, default=[1, 2, 4, 8, 32])
+    parser.add_argument("--rounds", type=positive, default=5)
     args = parser.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
     from trtpipe.engine import EngineDir
     from trtpipe.errors import TrtpipeError
 
@@ -137,8 +173,16 @@ def main() -> int:
     except TrtpipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    by_batch(engine, args)
-    one_token_profile(engine)
+    outside = outside_profile(engine, args.batches, args.length)
+    if outside is not None:
+        print(f"error: {outside}", file=sys.stderr)
+        return 2
+    try:
+        by_batch(engine, args)
+        one_token_profile(engine)
+    except Exception as exc:  # ONNX Runtime raises its own types
+        print(f"error: the engine's session failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,3 +47,34 @@ def test_probe_refuses_a_directory_without_an_engine(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_probe_refuses_bad_sizes_and_a_length_past_the_model(tiny_bert_engine: Path) -> None:
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tiny_bert_engine), "--batches", "1,x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "want batch sizes >= 1" in bad.stderr
+    too_long = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tiny_bert_engine),
+            "--batches",
+            "1",
+            "--rounds",
+            "1",
+            "--length",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert too_long.returncode == 2, too_long.stdout
+    assert too_long.stderr.startswith("error: batch 1 x length 100000 is outside the engine's")
+    assert "Traceback" not in too_long.stderr
