@@ -10,24 +10,18 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "launch_probe.py"
 
 
-def test_probe_prints_a_rate_per_batch_and_layout(tiny_bert_engine: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            str(tiny_bert_engine),
-            "--batches",
-            "1,4",
-            "--rounds",
-            "1",
-            "--length",
-            "8",
-        ],
+def probe(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
+
+
+def test_probe_prints_a_rate_per_batch_and_layout(tiny_bert_engine: Path) -> None:
+    done = probe(tiny_bert_engine, "--batches", "1,4", "--rounds", 1, "--length", 8)
     assert done.returncode == 0, done.stderr
     rows = re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", done.stdout, re.MULTILINE)
     assert [int(r[0]) for r in rows] == [1, 4]
@@ -38,43 +32,15 @@ def test_probe_prints_a_rate_per_batch_and_layout(tiny_bert_engine: Path) -> Non
 
 
 def test_probe_refuses_a_directory_without_an_engine(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = probe(tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
 def test_probe_refuses_bad_sizes_and_a_length_past_the_model(tiny_bert_engine: Path) -> None:
-    bad = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tiny_bert_engine), "--batches", "1,x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = probe(tiny_bert_engine, "--batches", "1,x")
     assert bad.returncode == 2 and "want batch sizes >= 1" in bad.stderr
-    too_long = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            str(tiny_bert_engine),
-            "--batches",
-            "1",
-            "--rounds",
-            "1",
-            "--length",
-            "100000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    too_long = probe(tiny_bert_engine, "--batches", 1, "--rounds", 1, "--length", 100000)
     assert too_long.returncode == 2, too_long.stdout
     assert too_long.stderr.startswith("error: batch 1 x length 100000 is outside the engine's")
     assert "Traceback" not in too_long.stderr
