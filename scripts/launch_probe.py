@@ -48,26 +48,13 @@ def session(engine: Any, threads: int, profile_dir: str | None = None) -> Any:
 
 
 def feeds(engine: Any, rows: int, length: int) -> dict[str, np.ndarray]:
-    """All-ones ids and mask (zero token types) for the engine's token inputs."""
-    values = {"token_type_ids": 0}
-    return {
-        spec.name: np.full((rows, length), values.get(spec.name, 1), dtype=spec.dtype)
-        for spec in engine.manifest.inputs
-    }
+    """The warm-up's inputs of one shape (token id 1, full attention, zero type ids), checked
+    against the engine's profile as the server checks a request."""
+    from trtpipe.runners.base import validate_feeds
+    from trtpipe.runtime.warmup import warmup_feeds
 
-
-def outside_profile(engine: Any, batches: list[int], length: int) -> str | None:
-    """Why a probe shape is outside the engine's profile (None: all inside)."""
-    for name, shape_range in engine.manifest.profile.items():
-        if len(shape_range.min) != 2:
-            continue  # the probe feeds (batch, sequence) token inputs only
-        for rows in batches:
-            if not shape_range.contains((rows, length)):
-                return (
-                    f"batch {rows} x length {length} is outside the engine's profile for "
-                    f"{name} (min {shape_range.min}, max {shape_range.max})"
-                )
-    return None
+    manifest = engine.manifest
+    return validate_feeds(warmup_feeds(manifest, rows, length), manifest.inputs, manifest.profile)
 
 
 def rows_per_s(run: Any, rows: int, calls: int, workers: int = 1) -> float:
@@ -148,13 +135,13 @@ def positive(text: str) -> int:
 
 
 def batch_sizes(text: str) -> list[int]:
+    from trtpipe.bench.common import parse_int_list
+    from trtpipe.errors import InputError
+
     try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"want batch sizes >= 1 like 1,2,4, got {text!r}")
-    return sizes
+        return parse_int_list(text, "--batches")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def main() -> int:
@@ -170,12 +157,10 @@ def main() -> int:
     try:
         engine = EngineDir(args.engine)
         engine.expect_backend("onnxruntime")
+        for rows in args.batches:
+            feeds(engine, rows, args.length)  # every shape inside the profile before timing
     except TrtpipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    outside = outside_profile(engine, args.batches, args.length)
-    if outside is not None:
-        print(f"error: {outside}", file=sys.stderr)
         return 2
     try:
         by_batch(engine, args)

@@ -39,8 +39,10 @@ def test_probe_refuses_a_directory_without_an_engine(tmp_path: Path) -> None:
 
 def test_probe_refuses_bad_sizes_and_a_length_past_the_model(tiny_bert_engine: Path) -> None:
     bad = probe(tiny_bert_engine, "--batches", "1,x")
-    assert bad.returncode == 2 and "want batch sizes >= 1" in bad.stderr
+    assert bad.returncode == 2 and "bad --batches '1,x'" in bad.stderr
     too_long = probe(tiny_bert_engine, "--batches", 1, "--rounds", 1, "--length", 100000)
     assert too_long.returncode == 2, too_long.stdout
-    assert too_long.stderr.startswith("error: batch 1 x length 100000 is outside the engine's")
+    assert too_long.stderr.startswith(
+        "error: input 'input_ids' shape [1, 100000] is outside the engine's profile"
+    )
     assert "Traceback" not in too_long.stderr
