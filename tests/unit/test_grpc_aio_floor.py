@@ -1,0 +1,41 @@
+"""scripts/grpc_aio_floor.py --round-trips: the bare grpc.aio round trip at concurrency 1, timed
+with tritonclient's asyncio client from a process of its own."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grpc_aio_floor.py"
+
+
+def floor(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_round_trips_print_a_p50_per_round_and_their_median(tiny_bert_engine: Path) -> None:
+    done = floor(tiny_bert_engine, "--round-trips", 20, "--rounds", 3, "--thread-hop")
+    assert done.returncode == 0, done.stderr
+    line = re.search(
+        r"^grpc\.aio \+ thread hop c1 p50 per round: (\d+) / (\d+) / (\d+) us \(median (\d+)\)$",
+        done.stdout,
+        re.MULTILINE,
+    )
+    assert line is not None, done.stdout
+    rounds = sorted(int(v) for v in line.groups()[:3])
+    assert rounds[0] > 0
+    assert int(line.group(4)) == rounds[1]
+
+
+def test_round_trips_refuse_zero_rounds(tiny_bert_engine: Path) -> None:
+    done = floor(tiny_bert_engine, "--round-trips", 20, "--rounds", 0)
+    assert done.returncode == 2
+    assert "--rounds at least 1" in done.stderr and "Traceback" not in done.stderr
