@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.scripts import run_script
 from trtpipe import cuda
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_cuda_runtime.py"
 
 
 def test_without_a_usable_gpu_the_check_says_why_and_exits_2() -> None:
     reason = cuda.unusable_reason()
     if reason is None:
         pytest.skip("a GPU is usable here: run the script itself, it checks it for real")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120
-    )
+    result = run_script("check_cuda_runtime.py", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"no usable GPU: {reason}"
     assert result.stdout == ""

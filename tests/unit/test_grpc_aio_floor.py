@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "grpc_aio_floor.py"
+from tests.scripts import run_script
 
 
 def floor(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_script("grpc_aio_floor.py", *args)
 
 
 def test_round_trips_print_a_p50_per_round_and_their_median(tiny_bert_engine: Path) -> None:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "launch_probe.py"
+from tests.scripts import run_script
 
 
 def probe(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_script("launch_probe.py", *args)
 
 
 def test_probe_prints_a_rate_per_batch_and_layout(tiny_bert_engine: Path) -> None:
