@@ -162,8 +162,16 @@ def main() -> int:
         parser.error("--round-trips must be at least 0 and --rounds at least 1")
     import uvloop
 
+    from trtpipe.engine import EngineDir
+    from trtpipe.errors import TrtpipeError
+
     with tempfile.TemporaryDirectory() as tmp:
-        body = write_grpc_body(Path(tmp), args.engine, "m")
+        try:
+            EngineDir(args.engine)
+            body = write_grpc_body(Path(tmp), args.engine, "m")
+        except TrtpipeError as exc:  # no engine, or no tokenizer beside it
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         result = uvloop.run(serve_and_drive(args, body))
     if args.round_trips:
         return 0

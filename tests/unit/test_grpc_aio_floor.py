@@ -32,3 +32,10 @@ def test_round_trips_refuse_zero_rounds(tiny_bert_engine: Path) -> None:
     done = floor(tiny_bert_engine, "--round-trips", 20, "--rounds", 0)
     assert done.returncode == 2
     assert "--rounds at least 1" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_directory_without_an_engine_gets_one_line_and_exit_2(tmp_path: Path) -> None:
+    done = floor(tmp_path, "--round-trips", 20)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "no manifest.json" in done.stderr
+    assert "Traceback" not in done.stderr
