@@ -265,6 +265,14 @@ def main() -> int:
     parser.add_argument("--real-engine", action="store_true", help="serve the engine itself")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    from trtpipe.engine import EngineDir
+    from trtpipe.errors import TrtpipeError
+
+    try:
+        EngineDir(args.engine)
+    except TrtpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     protocols = args.protocols.split(",")
     needed = {"h2load" if p.startswith("grpc") else "wrk" for p in protocols}
     for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
@@ -277,14 +285,35 @@ def main() -> int:
     command += ["--http-port", str(args.port), "--grpc-port", str(args.port + 1)]
     if not args.real_engine:
         command.append("--null-runner")
+    # The server's log goes to a file: a pipe nobody reads would stall a chatty server.
+    with tempfile.TemporaryFile(mode="w+") as server_log:
+        results = measure(args, command, model, server_log)
+    if isinstance(results, int):
+        return results
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def measure(
+    args: argparse.Namespace, command: list[str], model: str, server_log: Any
+) -> dict[str, dict[str, float]] | int:
+    """Start the server (its log to ``server_log``), drive each protocol; the results, or an
+    exit code when the server never became ready."""
+    protocols = args.protocols.split(",")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, env=env, stderr=server_log, text=True)
     results: dict[str, dict[str, float]] = {}
     try:
         url = f"http://127.0.0.1:{args.port}"
         grpc_url = f"http://127.0.0.1:{args.port + 1}"
         deadline = time.time() + 180
         while time.time() < deadline:
+            if server.poll() is not None:  # a bad engine dir, a port in use: it says why
+                server_log.seek(0)
+                lines = server_log.read().strip().splitlines() or ["(no output)"]
+                print(f"error: the server exited: {lines[-1]}", file=sys.stderr)
+                return 2
             try:
                 with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
                     if r.status == 200:
@@ -323,11 +352,10 @@ def main() -> int:
                     f"non-2xx {result['non_2xx']:.0f}{grpc_check} {result['socket_errors']}"
                 )
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    return results
 
 
 def run_http(

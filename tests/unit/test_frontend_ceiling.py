@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.scripts import run_script
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -67,3 +69,11 @@ def test_counters_are_read_for_the_named_model_only(ceiling) -> None:  # type: i
     assert ceiling.parse_request_counters(text, "m") == (36299.0, 3.0)
     assert ceiling.parse_request_counters(text, "m2") == (7.0, 1.0)
     assert ceiling.parse_request_counters(text, "absent") == (0.0, 0.0)
+
+
+def test_a_directory_without_an_engine_gets_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Checked before the load generators and the server, so it needs neither wrk nor h2load."""
+    done = run_script("frontend_ceiling.py", tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "no manifest.json" in done.stderr
+    assert "Traceback" not in done.stderr
