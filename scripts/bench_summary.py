@@ -247,6 +247,14 @@ def plot(out: Path, path: Path) -> None:
 
 if __name__ == "__main__":
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out")
+    problem = None
+    if not target.is_dir():
+        problem = f"{target} is not a directory of benchmark results (bench_cpu.sh writes one)"
+    elif "--best-engine" not in sys.argv and not precisions(target):
+        problem = f"no fixed_*.json or text_*.json results in {target}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if "--best-engine" in sys.argv:
         print(best_engine(target))
     elif "--plot" in sys.argv:

@@ -9,10 +9,14 @@ import sys
 
 
 def main() -> int:
-    import onnxruntime
-    import tensorrt
-    import torch
-    from cuda.bindings import runtime  # noqa: F401  (cuda-python >= 12.6)
+    try:
+        import onnxruntime
+        import tensorrt
+        import torch
+        from cuda.bindings import runtime  # noqa: F401  (cuda-python >= 12.6)
+    except ImportError as exc:
+        print(f"GPU stack check failed: {exc.name or exc} is not installed ({exc})")
+        return 1
 
     expected_cuda = sys.argv[1] if len(sys.argv) > 1 else "12"
     problems = []

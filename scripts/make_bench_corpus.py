@@ -17,9 +17,9 @@ every distinct sentence of 3 to 120 words is written once, in the source's order
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import re
-import sys
 from pathlib import Path
 
 DEVIL_HEADWORD = re.compile(r"^[A-Z][A-Z' .-]+, (?:[a-z]+\.\s*)+(?:[a-z]+\.)?\s*")
@@ -95,4 +95,12 @@ def main(devil: str, jargon: str, target: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("devil", help="devil.dict.dz from Debian's dict-devil")
+    parser.add_argument("jargon", help="jargon.dict.dz from Debian's dict-jargon")
+    parser.add_argument("target", help="the corpus file to write")
+    args = parser.parse_args()
+    for source in (args.devil, args.jargon):
+        if not Path(source).is_file():
+            parser.error(f"{source} does not exist (see this script's docstring for the source)")
+    main(args.devil, args.jargon, args.target)
