@@ -15,7 +15,7 @@ def main() -> int:
         import torch
         from cuda.bindings import runtime  # noqa: F401  (cuda-python >= 12.6)
     except ImportError as exc:
-        print(f"GPU stack check failed: {exc.name or exc} is not installed ({exc})")
+        print(f"error: {exc.name or exc} is not installed ({exc})", file=sys.stderr)
         return 1
 
     expected_cuda = sys.argv[1] if len(sys.argv) > 1 else "12"

@@ -287,7 +287,7 @@ def main() -> int:
         command.append("--null-runner")
     # The server's log goes to a file: a pipe nobody reads would stall a chatty server.
     with tempfile.TemporaryFile(mode="w+") as server_log:
-        results = measure(args, command, model, server_log)
+        results = measure(args, protocols, command, model, server_log)
     if isinstance(results, int):
         return results
     if args.json:
@@ -296,11 +296,14 @@ def main() -> int:
 
 
 def measure(
-    args: argparse.Namespace, command: list[str], model: str, server_log: Any
+    args: argparse.Namespace,
+    protocols: list[str],
+    command: list[str],
+    model: str,
+    server_log: Any,
 ) -> dict[str, dict[str, float]] | int:
     """Start the server (its log to ``server_log``), drive each protocol; the results, or an
     exit code when the server never became ready."""
-    protocols = args.protocols.split(",")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     server = subprocess.Popen(command, env=env, stderr=server_log, text=True)
     results: dict[str, dict[str, float]] = {}

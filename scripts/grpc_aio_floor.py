@@ -85,12 +85,9 @@ async def serve_and_drive(args: argparse.Namespace, body: Path) -> dict[str, flo
     await server.start()
     url = f"http://127.0.0.1:{port}"
     pid = os.getpid()
-    if args.round_trips:
-        try:
+    try:  # the load runs in a thread so that this loop keeps serving
+        if args.round_trips:
             return await asyncio.to_thread(round_trip_p50, args, f"127.0.0.1:{port}", body)
-        finally:
-            await server.stop(1)
-    try:  # h2load runs in a thread so that this loop keeps serving
         await asyncio.to_thread(h2load, url, body, args.connections, 2000, pid)  # warm-up
         return await asyncio.to_thread(h2load, url, body, args.connections, args.requests, pid)
     finally:
@@ -102,9 +99,12 @@ def round_trip_p50(args: argparse.Namespace, floor: str, body: Path) -> dict[str
     p50s = [statistics.median(client_round_trips(floor, body, args)) for _ in range(args.rounds)]
     runs = " / ".join(f"{v * 1e6:.0f}" for v in p50s)
     median = statistics.median(p50s) * 1e6
-    label = "grpc.aio + thread hop" if args.thread_hop else "grpc.aio"
-    print(f"{label} c1 p50 per round: {runs} us (median {median:.0f})")
+    print(f"{label(args)} c1 p50 per round: {runs} us (median {median:.0f})")
     return {"p50_us": median}
+
+
+def label(args: argparse.Namespace) -> str:
+    return "grpc.aio + thread hop" if args.thread_hop else "grpc.aio"
 
 
 def client_round_trips(address: str, request: Path, args: argparse.Namespace) -> list[float]:
@@ -123,11 +123,13 @@ def run_client(address: str, request_path: Path, count: int) -> None:
     import uvloop
     from tritonclient.grpc import service_pb2
 
+    from trtpipe.server.grpc_codec import decode_request
+
     request = service_pb2.ModelInferRequest.FromString(request_path.read_bytes()[5:])
     inputs = []
-    for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
-        entry = grpcclient.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
-        entry.set_data_from_numpy(np.frombuffer(raw, np.int64).reshape(list(tensor.shape)))
+    for tensor in decode_request(request).inputs:  # the server's own reading of the body
+        entry = grpcclient.InferInput(tensor.name, tensor.shape, tensor.datatype)
+        entry.set_data_from_numpy(tensor.data)
         inputs.append(entry)
     outputs = [grpcclient.InferRequestedOutput(o.name) for o in request.outputs]
 
@@ -175,9 +177,8 @@ def main() -> int:
         result = uvloop.run(serve_and_drive(args, body))
     if args.round_trips:
         return 0
-    label = "grpc.aio + thread hop" if args.thread_hop else "grpc.aio"
     print(
-        f"{label} c{args.connections}: {result['requests_per_s']:.0f} req/s, "
+        f"{label(args)} c{args.connections}: {result['requests_per_s']:.0f} req/s, "
         f"server CPU {result['server_cpu_us_per_request']:.0f} us/request "
         f"({result['main_thread_us_per_request']:.0f} on the loop thread), "
         f"non-2xx {result['non_2xx']:.0f}"
