@@ -1,18 +1,20 @@
-"""What grpc.aio alone costs per ModelInfer, for comparison with the gRPC front-end ceiling.
+"""What a gRPC server alone costs per ModelInfer, for comparison with the gRPC front-end ceiling.
 
-A bare grpc.aio server on uvloop (as `trtpipe serve` runs it) whose ModelInfer answers a fixed
+A bare gRPC server on uvloop (as `trtpipe serve` runs it) whose ModelInfer answers a fixed
 response of the same shape as the served embedding model's, driven by h2load exactly as
 `scripts/frontend_ceiling.py` drives the gRPC row. With `--thread-hop` the handler also waits
 for another thread to resolve its future, the minimum any batcher with a device thread adds.
 The gap between this floor and the ceiling's gRPC row is trtpipe's own work per request.
+``--server`` picks the server, as `trtpipe serve --grpc-server` does: grpc.aio's own
+(``grpcio``, the default here) or trtpipe's gRPC app on uvicorn's HTTP/2 (``uvicorn``).
 
 With ``--round-trips N`` it times N back-to-back requests instead (concurrency 1) in each of
 ``--rounds`` rounds, sent by tritonclient's asyncio client from another process, as
 ``trtpipe bench --url`` sends them. That p50 is what gRPC alone adds to a c1 request, the part
 of ``trtpipe bench``'s gRPC c1 overhead that is not trtpipe's.
 
-    python scripts/grpc_aio_floor.py ENGINE_DIR [--thread-hop] [--connections 64]
-    python scripts/grpc_aio_floor.py ENGINE_DIR --round-trips 1000 [--rounds 5]
+    python scripts/grpc_aio_floor.py ENGINE_DIR [--server uvicorn] [--thread-hop] [--connections 64]
+    python scripts/grpc_aio_floor.py ENGINE_DIR [--server uvicorn] --round-trips 1000 [--rounds 5]
 
 h2load (Debian: apt-get install nghttp2-client) drives the throughput mode. Nothing here is
 part of the server.
@@ -62,8 +64,28 @@ def resolve(futures: list[asyncio.Future[None]]) -> None:
         future.set_result(None)
 
 
+async def start_floor(kind: str, servicer: object) -> tuple[object, int]:
+    """The floor servicer on grpc.aio's server or on uvicorn's HTTP/2 (trtpipe's gRPC app)."""
+    if kind == "grpcio":
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+    from trtpipe.server.grpc_asgi import GrpcApp, service_methods
+    from trtpipe.server.grpc_front import SERVICE, UvicornGrpcServer
+    from trtpipe.server.listeners import listen
+
+    sock = listen("127.0.0.1", 0, "gRPC")
+    server = UvicornGrpcServer(GrpcApp(service_methods(servicer, SERVICE), 64 << 20), sock)
+    await server.start()
+    return server, int(sock.getsockname()[1])
+
+
 async def serve_and_drive(args: argparse.Namespace, body: Path) -> dict[str, float]:
-    import grpc
     from tritonclient.grpc import service_pb2_grpc
 
     reply = response()
@@ -79,10 +101,7 @@ async def serve_and_drive(args: argparse.Namespace, body: Path) -> dict[str, flo
                 await future
             return reply
 
-    server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await start_floor(args.server, Floor())
     url = f"http://127.0.0.1:{port}"
     pid = os.getpid()
     try:  # the load runs in a thread so that this loop keeps serving
@@ -104,7 +123,8 @@ def round_trip_p50(args: argparse.Namespace, floor: str, body: Path) -> dict[str
 
 
 def label(args: argparse.Namespace) -> str:
-    return "grpc.aio + thread hop" if args.thread_hop else "grpc.aio"
+    server = "grpc.aio" if args.server == "grpcio" else "uvicorn HTTP/2"
+    return f"{server} + thread hop" if args.thread_hop else server
 
 
 def client_round_trips(address: str, request: Path, args: argparse.Namespace) -> list[float]:
@@ -157,6 +177,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--thread-hop", action="store_true")
+    parser.add_argument(
+        "--server",
+        choices=["grpcio", "uvicorn"],
+        default="grpcio",
+        help="grpc.aio's server, or trtpipe's gRPC app on uvicorn's HTTP/2 (serve --grpc-server)",
+    )
     parser.add_argument("--round-trips", type=int, default=0, help="c1 requests per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -27,6 +27,7 @@ def start_server(
     pool_factory: Callable[[EngineDir, ServeConfig], Any] | None = None,
     max_body_bytes: int = 1 << 20,
     grpc: bool = True,
+    grpc_server: str = "auto",
     **serve: Any,
 ) -> ServerThread:
     """A real server (HTTP + gRPC on free loopback ports) in a background thread."""
@@ -38,6 +39,7 @@ def start_server(
         ServerConfig(
             http_port=0,
             grpc_port=0 if grpc else None,
+            grpc_server=grpc_server,
             max_body_bytes=max_body_bytes,
             drain_timeout_s=10,
             drain_linger_s=0.2,  # clients in tests keep idle connections open

@@ -1,5 +1,6 @@
-"""scripts/grpc_aio_floor.py --round-trips: the bare grpc.aio round trip at concurrency 1, timed
-with tritonclient's asyncio client from a process of its own."""
+"""scripts/grpc_aio_floor.py --round-trips: the bare gRPC round trip at concurrency 1 (grpc.aio's
+server or trtpipe's app on uvicorn), timed with tritonclient's asyncio client from a process of
+its own."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def test_round_trips_print_a_p50_per_round_and_their_median(tiny_bert_engine: Pa
     rounds = sorted(int(v) for v in line.groups()[:3])
     assert rounds[0] > 0
     assert int(line.group(4)) == rounds[1]
+
+
+def test_the_uvicorn_server_answers_the_same_client(tiny_bert_engine: Path) -> None:
+    done = floor(tiny_bert_engine, "--server", "uvicorn", "--round-trips", 20, "--rounds", 1)
+    assert done.returncode == 0, done.stderr
+    line = re.search(
+        r"^uvicorn HTTP/2 c1 p50 per round: (\d+) us \(median (\d+)\)$", done.stdout, re.M
+    )
+    assert line is not None, done.stdout
+    assert int(line.group(1)) == int(line.group(2)) > 0
 
 
 def test_round_trips_refuse_zero_rounds(tiny_bert_engine: Path) -> None:

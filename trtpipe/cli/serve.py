@@ -63,6 +63,14 @@ import click
     show_default=True,
     help="0 disables gRPC.",
 )
+@click.option(
+    "--grpc-server",
+    type=click.Choice(["auto", "uvicorn", "grpcio"]),
+    default="auto",
+    show_default=True,
+    help="What serves gRPC: uvicorn's HTTP/2 (a fifth of grpc.aio's CPU per call; needs zttp, "
+    "Python 3.11+) or grpc.aio's own server; auto takes uvicorn where it can.",
+)
 @click.option("--gpus", help="GPU indices, one runner per GPU, e.g. 0,1.")
 @click.option(
     "--devices",
@@ -169,6 +177,7 @@ def command(
     host: str,
     http_port: int,
     grpc_port: int,
+    grpc_server: str,
     gpus: str | None,
     devices: str | None,
     max_batch_size: int | None,
@@ -256,6 +265,7 @@ def command(
             host=host,
             http_port=http_port or None,
             grpc_port=grpc_port or None,
+            grpc_server=grpc_server,
             max_body_bytes=int(max_body_mb * (1 << 20)),
             drain_timeout_s=drain_timeout,
             access_log=access_log,

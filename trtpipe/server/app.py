@@ -11,13 +11,11 @@ most ``drain_linger_s``), the batchers drain, the runners are closed, and the pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import select
 import signal
-import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +25,9 @@ from trtpipe.errors import InputError
 from trtpipe.server import heap
 from trtpipe.server.draining import DrainingMiddleware
 from trtpipe.server.fast_path import FastPath
-from trtpipe.server.grpc import create_grpc_server
+from trtpipe.server.grpc_front import start_grpc
 from trtpipe.server.http import ServerState, create_http_app
+from trtpipe.server.listeners import UvicornServer, check_port_free, listen
 from trtpipe.server.metrics import ServerMetrics
 from trtpipe.server.repository import ModelRepository
 
@@ -50,53 +49,9 @@ class ServerConfig:
     access_log: bool = False
     # Freeze what the models loaded out of the garbage collector's full passes (server.heap).
     freeze_heap: bool = True
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the InferenceServer decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def listen(host: str, port: int, what: str) -> socket.socket:
-    """A listening TCP socket. ``proto`` is IPPROTO_TCP on purpose: asyncio sets TCP_NODELAY on
-    accepted connections only then, and without it keep-alive clients wait ~40 ms per response
-    (Nagle against delayed ACKs)."""
-    sock = bound_socket(host, port, what)
-    try:
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise port_error(host, port, what, exc) from None
-    sock.setblocking(False)
-    return sock
-
-
-def bound_socket(host: str, port: int, what: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise port_error(host, port, what, exc) from None
-    return sock
-
-
-def port_error(host: str, port: int, what: str, exc: OSError) -> InputError:
-    return InputError(
-        f"cannot listen for {what} on {host}:{port} ({exc.strerror}); "
-        f"choose another --{what.lower()}-port (0 disables)"
-    )
-
-
-def check_port_free(host: str, port: int | None, what: str) -> None:
-    """Bind and release at once, so a port in use is reported before minutes of loading."""
-    if port:
-        bound_socket(host, port, what).close()
+    # gRPC on uvicorn's HTTP/2 ("uvicorn"), grpc.aio's server ("grpcio"), or "auto"
+    # (uvicorn where it can serve HTTP/2): see trtpipe.server.grpc_front
+    grpc_server: str = "auto"
 
 
 class InferenceServer:
@@ -109,7 +64,7 @@ class InferenceServer:
         self.metrics = ServerMetrics(repository)
         self.http_port: int | None = None
         self.grpc_port: int | None = None
-        self._uvicorn: _Uvicorn | None = None
+        self._uvicorn: UvicornServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._drain: DrainingMiddleware | None = None
         self._grpc: Any = None
@@ -153,7 +108,7 @@ class InferenceServer:
             timeout_graceful_shutdown=int(self.config.drain_timeout_s),
             lifespan="off",
         )
-        self._uvicorn = _Uvicorn(config)
+        self._uvicorn = UvicornServer(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
             if self._http_task.done():
@@ -164,21 +119,14 @@ class InferenceServer:
     async def _start_grpc(self) -> None:
         if self.config.grpc_port is None:
             return
-        server = create_grpc_server(self.repository, self.state, self.config.max_body_bytes)
-        address = f"{self.config.host}:{self.config.grpc_port}"
-        if ":" in self.config.host:
-            address = f"[{self.config.host}]:{self.config.grpc_port}"
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-        if not port:
-            raise InputError(
-                f"cannot listen for gRPC on {address}; choose another --grpc-port (0 disables)"
-            )
-        self.grpc_port = int(port)
-        await server.start()
-        self._grpc = server
+        self._grpc, self.grpc_port = await start_grpc(
+            self.config.grpc_server,
+            self.repository,
+            self.state,
+            self.config.host,
+            self.config.grpc_port,
+            self.config.max_body_bytes,
+        )
 
     def request_stop(self) -> None:
         """Begin a graceful stop (call on the server's loop; signal handlers do)."""
@@ -213,7 +161,7 @@ class InferenceServer:
         heap.release()
         log.info("server stopped")
 
-    async def _drain_http(self, server: _Uvicorn, task: asyncio.Task[None]) -> None:
+    async def _drain_http(self, server: UvicornServer, task: asyncio.Task[None]) -> None:
         """Refuse new connections, let admitted requests finish while open connections get
         503 + close, then have uvicorn close what is left."""
         loop = asyncio.get_running_loop()
