@@ -263,6 +263,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18080, help="HTTP; gRPC listens on the next")
     parser.add_argument("--protocols", default="openai,openai-float,v2-text,v2-binary,grpc-tokens")
     parser.add_argument("--real-engine", action="store_true", help="serve the engine itself")
+    parser.add_argument(
+        "--grpc-server", default="auto", help="passed to trtpipe serve: auto, uvicorn or grpcio"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from trtpipe.engine import EngineDir
@@ -283,6 +286,7 @@ def main() -> int:
     trtpipe = str(Path(sys.executable).parent / "trtpipe")
     command = [trtpipe, "serve", "--name", f"{model}={args.engine}"]
     command += ["--http-port", str(args.port), "--grpc-port", str(args.port + 1)]
+    command += ["--grpc-server", args.grpc_server]
     if not args.real_engine:
         command.append("--null-runner")
     # The server's log goes to a file: a pipe nobody reads would stall a chatty server.

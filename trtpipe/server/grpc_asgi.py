@@ -39,6 +39,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 ACCEPT_ENCODING = b"identity,deflate,gzip"
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+WATCH_AFTER_S = 0.05  # a unary call running longer starts watching for its client going away
 TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 RESERVED_HEADERS = frozenset(
     {"content-type", "te", "user-agent", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
@@ -252,14 +253,13 @@ class GrpcApp:
         watch: ClientWatch,
     ) -> None:
         request = decode(method, await reader.next())
-        # the request is read: the next thing ``receive`` reports is the client going away
-        listener = asyncio.ensure_future(reader.receive())
-        listener.add_done_callback(lambda done: watch.disconnected(done, call))
+        # The request is read: the next thing ``receive`` reports is the client going away.
+        # Listening costs a task, so only calls still running after WATCH_AFTER_S pay it.
+        watch.listen_later(reader.receive, call)
         try:
-            response = await method.handler(request, context)
+            call.hold(await method.handler(request, context))
         finally:
-            listener.cancel()
-        await call.reply(response)
+            watch.stop_listening()
 
     async def _stream(
         self,
@@ -289,6 +289,21 @@ class ClientWatch:
         assert task is not None
         self.task = task
         self.gone = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._listener: asyncio.Future[Message] | None = None
+
+    def listen_later(self, receive: Receive, call: Call) -> None:
+        def listen() -> None:
+            self._listener = asyncio.ensure_future(receive())
+            self._listener.add_done_callback(lambda done: self.disconnected(done, call))
+
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, listen)
+
+    def stop_listening(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
 
     def client_gone(self) -> None:
         if not self.gone:
@@ -317,6 +332,7 @@ class Call:
     def __init__(self, send: Send):
         self._send = send
         self._started = False
+        self._held = b""
         self.finished = False
 
     async def _start(self) -> None:
@@ -334,15 +350,20 @@ class Call:
         )
 
     async def reply(self, message: Any) -> None:
+        """Send one message of a stream now."""
         if not self._started:
             await self._start()
         await self._send({"type": "http.response.body", "body": frame(message), "more_body": True})
+
+    def hold(self, message: Any) -> None:
+        """A unary call's message, sent by :meth:`finish` with the end of the body."""
+        self._held = frame(message)
 
     async def finish(self, code: grpc.StatusCode, details: str) -> None:
         self.finished = True
         if not self._started:
             await self._start()
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send({"type": "http.response.body", "body": self._held, "more_body": False})
         trailers = [(b"grpc-status", b"%d" % code.value[0])]
         if details:
             trailers.append((b"grpc-message", percent_encode(details)))
