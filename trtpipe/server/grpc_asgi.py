@@ -228,10 +228,10 @@ class GrpcApp:
                 raise GrpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             timeout = parse_timeout(text(headers.get(b"grpc-timeout")))
             encoding = text(headers.get(b"grpc-encoding")) or "identity"
-            reader = MessageReader(receive, encoding, self.max_message_bytes)
-            context = CallContext(scope["headers"])
+            call.reader = MessageReader(receive, encoding, self.max_message_bytes)
+            call.context = CallContext(scope["headers"])
             run = self._stream if method.streaming else self._unary
-            await asyncio.wait_for(run(method, reader, context, call, watch), timeout)
+            await asyncio.wait_for(run(method, call, watch), timeout)
         except GrpcError as exc:
             await call.finish(exc.code, exc.details)
         except asyncio.TimeoutError:
@@ -244,39 +244,25 @@ class GrpcApp:
         else:
             await call.finish(grpc.StatusCode.OK, "")
 
-    async def _unary(
-        self,
-        method: Method,
-        reader: MessageReader,
-        context: CallContext,
-        call: Call,
-        watch: ClientWatch,
-    ) -> None:
-        request = decode(method, await reader.next())
+    async def _unary(self, method: Method, call: Call, watch: ClientWatch) -> None:
+        request = decode(method, await call.reader.next())
         # The request is read: the next thing ``receive`` reports is the client going away.
         # Listening costs a task, so only calls still running after WATCH_AFTER_S pay it.
-        watch.listen_later(reader.receive, call)
+        watch.listen_later(call.reader.receive, call)
         try:
-            call.hold(await method.handler(request, context))
+            call.hold(await method.handler(request, call.context))
         finally:
             watch.stop_listening()
 
-    async def _stream(
-        self,
-        method: Method,
-        reader: MessageReader,
-        context: CallContext,
-        call: Call,
-        watch: ClientWatch,
-    ) -> None:
+    async def _stream(self, method: Method, call: Call, watch: ClientWatch) -> None:
         async def requests() -> AsyncIterator[Any]:
             try:
-                while (data := await reader.next()) is not None:
+                while (data := await call.reader.next()) is not None:
                     yield decode(method, data)
             except ClientGone:
                 watch.client_gone()  # cancels the handler and what it runs, as grpc.aio does
 
-        async for response in method.handler(requests(), context):
+        async for response in method.handler(requests(), call.context):
             await call.reply(response)
 
 
@@ -327,7 +313,11 @@ def decode(method: Method, data: bytes | None) -> Any:
 
 
 class Call:
-    """The response side of one call: headers once, then messages, then the trailers."""
+    """One call: its request reader and context, and its response side (headers once, then
+    messages, then the trailers)."""
+
+    reader: MessageReader
+    context: CallContext
 
     def __init__(self, send: Send):
         self._send = send
