@@ -73,6 +73,15 @@ def test_infer_is_bit_exact(client: Any, runner: Any, compression: str | None) -
     assert result.get_response().id == "q1"
 
 
+def test_a_reply_over_the_http2_window_arrives_whole(client: Any, runner: Any) -> None:
+    """8 x 64 x 32 floats: 65,536 bytes, past HTTP/2's initial 65,535-byte window, so the reply
+    must wait for the client's window updates."""
+    feeds = random_feeds(np.random.default_rng(9), batch=8, length=64)
+    got = client.infer(MODEL, inputs(feeds)).as_numpy("last_hidden_state")
+    assert got.nbytes == 65_536
+    assert np.array_equal(got, runner.infer(feeds)["last_hidden_state"])
+
+
 def test_a_stream_answers_each_request(client: Any, runner: Any) -> None:
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
