@@ -3,6 +3,7 @@ tritonclient's calls alike: results, streams, compression, deadlines and errors.
 
 from __future__ import annotations
 
+import importlib.util
 import queue
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ DELAY_S = 0.05  # every launch sleeps this long, so that a shorter deadline alwa
 
 @pytest.fixture(scope="module", params=["uvicorn", "grpcio"])
 def server(request: pytest.FixtureRequest, tiny_bert_engine: Path) -> Iterator[ServerThread]:
+    if request.param == "uvicorn" and importlib.util.find_spec("zttp") is None:
+        pytest.skip("uvicorn's HTTP/2 parser zttp is not installed (Python 3.10)")
     thread = start_server(
         [f"{MODEL}={tiny_bert_engine}"],
         devices=2,

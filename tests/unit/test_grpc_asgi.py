@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import importlib.util
 from typing import Any
 
 import grpc
@@ -267,8 +268,14 @@ def test_timeouts_and_messages_are_encoded_as_grpc_says() -> None:
     assert percent_encode("ok: 50% done\n") == b"ok: 50%25 done%0A"
 
 
-def test_resolve_grpc_server() -> None:
+def test_resolve_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_grpc_server("grpcio") == "grpcio"
-    assert resolve_grpc_server("auto") in ("uvicorn", "grpcio")
+    has_zttp = importlib.util.find_spec("zttp") is not None  # pip installs it on Python 3.11+
+    assert resolve_grpc_server("auto") == ("uvicorn" if has_zttp else "grpcio")
     with pytest.raises(InputError, match="choose one of auto, uvicorn, grpcio"):
         resolve_grpc_server("nginx")
+    # Python 3.10, where pip installs no zttp: auto falls back, an explicit uvicorn says why not
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert resolve_grpc_server("auto") == "grpcio"
+    with pytest.raises(InputError, match="pip install zttp"):
+        resolve_grpc_server("uvicorn")
