@@ -68,8 +68,8 @@ import click
     type=click.Choice(["auto", "uvicorn", "grpcio"]),
     default="auto",
     show_default=True,
-    help="What serves gRPC: uvicorn's HTTP/2 (a fifth of grpc.aio's CPU per call; needs zttp, "
-    "Python 3.11+) or grpc.aio's own server; auto takes uvicorn where it can.",
+    help="What serves gRPC: uvicorn's HTTP/2 (about a third of grpc.aio's CPU per call; needs "
+    "zttp, Python 3.11+) or grpc.aio's own server; auto takes uvicorn where it can.",
 )
 @click.option("--gpus", help="GPU indices, one runner per GPU, e.g. 0,1.")
 @click.option(

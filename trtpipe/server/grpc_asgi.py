@@ -1,10 +1,10 @@
 """gRPC served by uvicorn's HTTP/2 (the ``zttp`` parser) as a plain ASGI app.
 
-grpc.aio's server costs about 230 us of CPU per unary call on the machines this project is
-measured on, and a c1 round trip of 615-650 us before any model work; the same call answered
-here costs about 45 us and 370-410 us (``scripts/grpc_aio_floor.py`` against
-``--grpc-server uvicorn``, docs/performance.md). On two cores shared with the engine that
-difference is most of gRPC's shortfall against HTTP.
+grpc.aio's server costs about 215 us of CPU per unary call on the machine this project is
+measured on, and a c1 round trip of about 640 us before any model work; the same call answered
+here costs about 70 us and 385 us (``scripts/grpc_aio_floor.py --server grpcio|uvicorn``,
+docs/performance.md). On two cores shared with the engine that difference was most of gRPC's
+shortfall against HTTP.
 
 The servicer is the same :class:`~trtpipe.server.grpc.InferenceServicer` grpc.aio runs: this
 module is only the wire. What the KServe service needs of it, per the gRPC over HTTP/2

@@ -2,8 +2,9 @@
 
 Both serve the same :class:`~trtpipe.server.grpc.InferenceServicer` and stop alike: new calls
 are refused at once and the running ones finish, up to the drain timeout. ``uvicorn`` is the
-default where its HTTP/2 parser (``zttp``, Python 3.11+) is installed, because it costs a fifth
-of grpc.aio's CPU per call (:mod:`trtpipe.server.grpc_asgi`); ``grpcio`` stays selectable.
+default where its HTTP/2 parser (``zttp``, Python 3.11+) is installed, because it costs about a
+third of grpc.aio's CPU per call (:mod:`trtpipe.server.grpc_asgi`); ``grpcio`` stays selectable
+(its HTTP/2 receive windows grow, which big tensors over long links want).
 """
 
 from __future__ import annotations
