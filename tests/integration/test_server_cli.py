@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -86,6 +87,8 @@ def test_serve_answers_then_drains_on_sigterm_and_exits_0(tiny_bert_engine: Path
     _, stderr = process.communicate()
     assert code == 0, stderr
     assert "serving ['bert'] on HTTP" in stderr and "server stopped" in stderr
+    kind = "uvicorn HTTP/2" if importlib.util.find_spec("zttp") else "grpc.aio"
+    assert f"gRPC 127.0.0.1:{grpc_port} ({kind})" in stderr
     assert "Traceback" not in stderr
     answered = [s for s in statuses if s != -1]
     # Nothing fails half-way: a request is refused (listener closed), answered, or, when it

@@ -291,7 +291,8 @@ def command(
         if started.http_port:
             parts.append(f"HTTP http://{host}:{started.http_port}")
         if started.grpc_port:
-            parts.append(f"gRPC {host}:{started.grpc_port}")
+            kind = "uvicorn HTTP/2" if started.grpc_is_uvicorn else "grpc.aio"
+            parts.append(f"gRPC {host}:{started.grpc_port} ({kind})")
         click.echo(f"serving {repository.names} on {', '.join(parts)}", err=True)
 
     from trtpipe.server.loop import run

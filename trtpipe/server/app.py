@@ -25,7 +25,7 @@ from trtpipe.errors import InputError
 from trtpipe.server import heap
 from trtpipe.server.draining import DrainingMiddleware
 from trtpipe.server.fast_path import FastPath
-from trtpipe.server.grpc_front import start_grpc
+from trtpipe.server.grpc_front import UvicornGrpcServer, start_grpc
 from trtpipe.server.http import ServerState, create_http_app
 from trtpipe.server.listeners import UvicornServer, check_port_free, listen
 from trtpipe.server.metrics import ServerMetrics
@@ -68,6 +68,7 @@ class InferenceServer:
         self._http_task: asyncio.Task[None] | None = None
         self._drain: DrainingMiddleware | None = None
         self._grpc: Any = None
+        self.grpc_is_uvicorn = False
         self._stop_requested: asyncio.Event | None = None
         self._stopped = False
 
@@ -127,6 +128,7 @@ class InferenceServer:
             self.config.grpc_port,
             self.config.max_body_bytes,
         )
+        self.grpc_is_uvicorn = isinstance(self._grpc, UvicornGrpcServer)
 
     def request_stop(self) -> None:
         """Begin a graceful stop (call on the server's loop; signal handlers do)."""
