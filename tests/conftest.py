@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +132,17 @@ def tiny_bert_engine(tiny_bert_onnx: Path, tmp_path_factory: pytest.TempPathFact
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_reference(tiny_bert_engine: Path) -> Iterator[Any]:
+    """The tiny engine's runner with the threads of one worker of a two-worker server: the
+    bit-exact reference the server tests compare replies with."""
+    from tests.server_utils import reference_runner
+
+    reference = reference_runner(tiny_bert_engine, workers=2)
+    yield reference
+    reference.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.server_utils import fetch, random_feeds, reference_runner, scripted_pool, start_server
+from tests.server_utils import fetch, random_feeds, scripted_pool, start_server
 from trtpipe.server.app import ServerThread
 
 MODEL = "tiny"
@@ -37,11 +37,9 @@ def server(request: pytest.FixtureRequest, tiny_bert_engine: Path) -> Iterator[S
     thread.stop()
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_bert_engine: Path) -> Iterator[Any]:
-    reference = reference_runner(tiny_bert_engine, workers=2)
-    yield reference
-    reference.close()
+@pytest.fixture
+def runner(tiny_bert_reference: Any) -> Any:
+    return tiny_bert_reference
 
 
 @pytest.fixture

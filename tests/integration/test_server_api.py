@@ -21,7 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.server_utils import fetch as fetch_port
-from tests.server_utils import random_feeds, reference_runner, start_server, text_feeds
+from tests.server_utils import random_feeds, start_server, text_feeds
 from trtpipe.server.app import ServerThread
 
 MODEL = "tiny"
@@ -35,11 +35,9 @@ def server(tiny_bert_engine: Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_bert_engine: Path) -> Iterator[Any]:
-    reference = reference_runner(tiny_bert_engine, workers=2)
-    yield reference
-    reference.close()
+@pytest.fixture
+def runner(tiny_bert_reference: Any) -> Any:
+    return tiny_bert_reference
 
 
 @pytest.fixture
