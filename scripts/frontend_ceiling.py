@@ -119,12 +119,11 @@ def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
     """One gRPC-framed ModelInfer request (token tensors of one sentence, raw contents as
     tritonclient sends them). h2load repeats one body, so the gRPC row uses the sentence of
     median length of SENTENCES."""
-    import struct
-
     from tritonclient.grpc import service_pb2
 
     from trtpipe.bench.served_clients import POOLED, token_arrays
     from trtpipe.engine import EngineDir
+    from trtpipe.server.grpc_asgi import frame
     from trtpipe.text import load_tokenizer
 
     tokenizer = load_tokenizer(str(engine))
@@ -135,9 +134,8 @@ def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
         request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
         request.raw_input_contents.append(array.tobytes())
     request.outputs.add(name=POOLED)
-    message = request.SerializeToString()
     path = work / "grpc_tokens.bin"
-    path.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)  # uncompressed frame
+    path.write_bytes(frame(request))  # one uncompressed gRPC message
     return path
 
 

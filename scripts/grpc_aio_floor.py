@@ -64,29 +64,10 @@ def resolve(futures: list[asyncio.Future[None]]) -> None:
         future.set_result(None)
 
 
-async def start_floor(kind: str, servicer: object) -> tuple[object, int]:
-    """The floor servicer on grpc.aio's server or on uvicorn's HTTP/2 (trtpipe's gRPC app)."""
-    if kind == "grpcio":
-        import grpc
-        from tritonclient.grpc import service_pb2_grpc
-
-        server = grpc.aio.server()
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-    from trtpipe.server.grpc_asgi import GrpcApp, service_methods
-    from trtpipe.server.grpc_front import SERVICE, UvicornGrpcServer
-    from trtpipe.server.listeners import listen
-
-    sock = listen("127.0.0.1", 0, "gRPC")
-    server = UvicornGrpcServer(GrpcApp(service_methods(servicer, SERVICE), 64 << 20), sock)
-    await server.start()
-    return server, int(sock.getsockname()[1])
-
-
 async def serve_and_drive(args: argparse.Namespace, body: Path) -> dict[str, float]:
     from tritonclient.grpc import service_pb2_grpc
+
+    from trtpipe.server.grpc_front import serve_servicer
 
     reply = response()
     waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -101,7 +82,7 @@ async def serve_and_drive(args: argparse.Namespace, body: Path) -> dict[str, flo
                 await future
             return reply
 
-    server, port = await start_floor(args.server, Floor())
+    server, port = await serve_servicer(args.server, Floor(), "127.0.0.1", 0, 64 << 20)
     url = f"http://127.0.0.1:{port}"
     pid = os.getpid()
     try:  # the load runs in a thread so that this loop keeps serving

@@ -21,13 +21,17 @@ from typing import Any
 
 import uvicorn
 
-from trtpipe.errors import InputError
 from trtpipe.server import heap
 from trtpipe.server.draining import DrainingMiddleware
 from trtpipe.server.fast_path import FastPath
 from trtpipe.server.grpc_front import UvicornGrpcServer, start_grpc
 from trtpipe.server.http import ServerState, create_http_app
-from trtpipe.server.listeners import UvicornServer, check_port_free, listen
+from trtpipe.server.listeners import (
+    UvicornServer,
+    check_port_free,
+    listen,
+    serve_in_background,
+)
 from trtpipe.server.metrics import ServerMetrics
 from trtpipe.server.repository import ModelRepository
 
@@ -68,7 +72,6 @@ class InferenceServer:
         self._http_task: asyncio.Task[None] | None = None
         self._drain: DrainingMiddleware | None = None
         self._grpc: Any = None
-        self.grpc_is_uvicorn = False
         self._stop_requested: asyncio.Event | None = None
         self._stopped = False
 
@@ -110,12 +113,7 @@ class InferenceServer:
             lifespan="off",
         )
         self._uvicorn = UvicornServer(config)
-        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        while not self._uvicorn.started:
-            if self._http_task.done():
-                self._http_task.result()
-                raise InputError("the HTTP server stopped during startup")
-            await asyncio.sleep(0.01)
+        self._http_task = await serve_in_background(self._uvicorn, sock, "HTTP")
 
     async def _start_grpc(self) -> None:
         if self.config.grpc_port is None:
@@ -128,7 +126,10 @@ class InferenceServer:
             self.config.grpc_port,
             self.config.max_body_bytes,
         )
-        self.grpc_is_uvicorn = isinstance(self._grpc, UvicornGrpcServer)
+
+    @property
+    def grpc_is_uvicorn(self) -> bool:
+        return isinstance(self._grpc, UvicornGrpcServer)
 
     def request_stop(self) -> None:
         """Begin a graceful stop (call on the server's loop; signal handlers do)."""

@@ -25,7 +25,7 @@ from trtpipe.server.http import (
     inflate,
     openai_error_body,
 )
-from trtpipe.server.protocol import ProtocolError
+from trtpipe.server.protocol import BodyTooLarge, ProtocolError
 from trtpipe.server.repository import ModelRepository
 
 Scope = MutableMapping[str, Any]
@@ -136,7 +136,7 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             chunks.clear()
     if total > limit:
         declared = header(scope, b"content-length")
-        raise ProtocolError(
+        raise BodyTooLarge(
             f"request body is {declared or total} bytes, over the server limit of {limit} bytes "
             "(raise --max-body-mb)"
         )

@@ -258,19 +258,3 @@ UNSUPPORTED = {
 for _method, _what in UNSUPPORTED.items():
     if _method not in InferenceServicer.__dict__:  # not implemented by the class itself
         setattr(InferenceServicer, _method, _unsupported(_method, _what))
-
-
-def create_grpc_server(
-    repository: ModelRepository, state: ServerState, max_message_bytes: int = 64 << 20
-) -> Any:
-    """A grpc.aio server with the servicer added; the caller binds ports and starts it."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-        ]
-    )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(repository, state), server
-    )
-    return server

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,9 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+
+from trtpipe.server.http import inflate
+from trtpipe.server.protocol import BodyTooLarge, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +140,12 @@ class MessageReader:
             raise GrpcError(
                 grpc.StatusCode.UNIMPLEMENTED, f"unsupported grpc-encoding {self._encoding!r}"
             )
-        inflater = zlib.decompressobj(31 if self._encoding == "gzip" else 15)
         try:
-            data = inflater.decompress(payload, self._limit + 1)
-        except zlib.error as exc:
-            message = f"cannot inflate the message: {exc}"
-            raise GrpcError(grpc.StatusCode.INTERNAL, message) from None
-        if len(data) > self._limit:
-            raise too_large(len(data), self._limit)
-        return data
+            return inflate(payload, self._encoding, self._limit)
+        except BodyTooLarge:
+            raise too_large(self._limit + 1, self._limit) from None
+        except ProtocolError as exc:  # not valid gzip/deflate data
+            raise GrpcError(grpc.StatusCode.INTERNAL, str(exc)) from None
 
 
 def too_large(size: int, limit: int) -> GrpcError:

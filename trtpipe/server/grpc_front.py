@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 import uvicorn
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from trtpipe.errors import InputError
-from trtpipe.server.grpc import InferenceServicer, create_grpc_server
+from trtpipe.server.grpc import InferenceServicer
 from trtpipe.server.grpc_asgi import GrpcApp, service_methods
 from trtpipe.server.http import ServerState
-from trtpipe.server.listeners import UvicornServer, listen
+from trtpipe.server.listeners import UvicornServer, listen, serve_in_background
 from trtpipe.server.repository import ModelRepository
 
 GRPC_SERVERS = ("auto", "uvicorn", "grpcio")
@@ -64,12 +66,7 @@ class UvicornGrpcServer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise InputError("the gRPC server stopped during startup")
-            await asyncio.sleep(0.01)
+        self._task = await serve_in_background(self._server, self._sock, "gRPC")
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls, let running ones finish for up to ``grace`` seconds."""
@@ -88,20 +85,45 @@ async def start_grpc(
     max_message_bytes: int,
 ) -> tuple[Any, int]:
     """The started gRPC server (with ``stop(grace)``) and the port it listens on."""
-    if resolve_grpc_server(choice) == "grpcio":
-        return await start_grpcio(repository, state, host, port, max_message_bytes)
-    sock = listen(host, port, "gRPC")
     servicer = InferenceServicer(repository, state)
-    app = GrpcApp(service_methods(servicer, SERVICE), max_message_bytes, lambda: state.draining)
+    return await serve_servicer(
+        resolve_grpc_server(choice),
+        servicer,
+        host,
+        port,
+        max_message_bytes,
+        lambda: state.draining,
+    )
+
+
+async def serve_servicer(
+    kind: str,
+    servicer: Any,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    draining: Callable[[], bool] = lambda: False,
+) -> tuple[Any, int]:
+    """Serve ``servicer`` (the KServe service) on ``kind``'s server, started; and its port."""
+    if kind == "grpcio":
+        return await start_grpcio(servicer, host, port, max_message_bytes)
+    sock = listen(host, port, "gRPC")
+    app = GrpcApp(service_methods(servicer, SERVICE), max_message_bytes, draining)
     server = UvicornGrpcServer(app, sock)
     await server.start()
     return server, int(sock.getsockname()[1])
 
 
 async def start_grpcio(
-    repository: ModelRepository, state: ServerState, host: str, port: int, max_message_bytes: int
+    servicer: Any, host: str, port: int, max_message_bytes: int
 ) -> tuple[Any, int]:
-    server = create_grpc_server(repository, state, max_message_bytes)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

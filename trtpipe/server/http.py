@@ -26,6 +26,7 @@ from trtpipe.errors import TrtpipeError
 from trtpipe.server.errors import ModelNotFoundError, WireError, classify
 from trtpipe.server.metrics import CONTENT_TYPE, ServerMetrics
 from trtpipe.server.protocol import (
+    BodyTooLarge,
     ProtocolError,
     encode_http_response,
     parse_http_request,
@@ -95,7 +96,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         else:
             chunks.clear()
     if total > limit:
-        raise ProtocolError(
+        raise BodyTooLarge(
             f"request body is {declared or total} bytes, over the server limit of {limit} bytes "
             "(raise --max-body-mb)"
         )
@@ -109,6 +110,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decompressed (gzip or deflate), never past ``limit`` bytes (BodyTooLarge)."""
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
     decoder = zlib.decompressobj(wbits)
     try:
@@ -116,7 +118,7 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     except zlib.error as exc:
         raise ProtocolError(f"body is not valid {encoding} data: {exc}") from None
     if len(out) > limit or decoder.unconsumed_tail:
-        raise ProtocolError(f"decompressed body is over the server limit of {limit} bytes")
+        raise BodyTooLarge(f"decompressed body is over the server limit of {limit} bytes")
     return out
 
 

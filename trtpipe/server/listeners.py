@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,19 @@ class UvicornServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+async def serve_in_background(
+    server: UvicornServer, sock: socket.socket, what: str
+) -> asyncio.Task[None]:
+    """Start ``server`` on ``sock`` and return its task once it accepts connections."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise InputError(f"the {what} server stopped during startup")
+        await asyncio.sleep(0.01)
+    return task
 
 
 def listen(host: str, port: int, what: str) -> socket.socket:

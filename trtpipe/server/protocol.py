@@ -43,6 +43,10 @@ class ProtocolError(InputError):
     """A request that does not follow the protocol (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
+class BodyTooLarge(ProtocolError):
+    """A body over the server's size limit (HTTP 400; a gRPC message: RESOURCE_EXHAUSTED)."""
+
+
 class SharedMemoryError(ProtocolError):
     """A region request outside what was registered (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
