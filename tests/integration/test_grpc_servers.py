@@ -3,6 +3,7 @@ tritonclient's calls alike: results, streams, compression, deadlines and errors.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import queue
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpc_aio
 from tritonclient.utils import InferenceServerException
 
 from tests.server_utils import fetch, random_feeds, scripted_pool, start_server
@@ -157,3 +159,60 @@ def test_http1_on_the_grpc_port_gets_a_clear_refusal(server: ServerThread) -> No
     assert port is not None
     status, body = fetch(port, "/inference.GRPCInferenceService/ServerLive", b"")
     assert status == 400 and b"gRPC" in body
+
+
+def test_one_channel_outlives_thousands_of_calls(server: ServerThread) -> None:
+    """A Triton client keeps one channel open. 5,000 calls, 32 at a time, are more streams
+    than zttp lets one HTTP/2 connection open (4,096): every call must still succeed."""
+    url = f"127.0.0.1:{server.server.grpc_port}"
+
+    async def calls() -> list[bool]:
+        async with grpc_aio.InferenceServerClient(url) as client:
+
+            async def worker(n: int) -> list[bool]:
+                return [await client.is_server_live() for _ in range(n)]
+
+            answers = await asyncio.gather(*(worker(5000 // 32 + 1) for _ in range(32)))
+        return [live for batch in answers for live in batch]
+
+    answers = asyncio.run(calls())
+    assert len(answers) == 32 * (5000 // 32 + 1) and all(answers)
+
+
+def test_one_channel_outlives_hundreds_of_cancelled_calls(
+    server: ServerThread, runner: Any
+) -> None:
+    """Each call a client abandons resets its stream; zttp ends a connection after 256 resets.
+    300 abandoned calls, with live calls running beside them on the same channel: the live
+    calls must all succeed, and the channel must serve afterwards."""
+    url = f"127.0.0.1:{server.server.grpc_port}"
+    feeds = random_feeds(np.random.default_rng(11), batch=1, length=5)
+
+    async def calls() -> tuple[int, list[bool], Any]:
+        async with grpc_aio.InferenceServerClient(url) as client:
+            abandoned = 0
+
+            async def abandon(n: int) -> None:
+                nonlocal abandoned
+                for _ in range(n):
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(client.infer(MODEL, inputs(feeds)), DELAY_S / 5)
+                    abandoned += 1
+
+            async def live(done: asyncio.Future[Any]) -> list[bool]:
+                answers = []
+                while not done.done():
+                    answers.append(await client.is_server_live())
+                return answers
+
+            abandoning = asyncio.gather(*(abandon(10) for _ in range(30)))
+            lives = await asyncio.gather(*(live(abandoning) for _ in range(4)))
+            await abandoning
+            after = await client.infer(MODEL, inputs(feeds))
+        return abandoned, [a for answers in lives for a in answers], after
+
+    abandoned, lives, after = asyncio.run(calls())
+    assert abandoned == 300
+    assert lives and all(lives)
+    want = runner.infer(feeds)["last_hidden_state"]
+    assert np.array_equal(after.as_numpy("last_hidden_state"), want)

@@ -50,11 +50,12 @@ class UvicornGrpcServer:
     """The ASGI gRPC app served by uvicorn over HTTP/2 (cleartext, prior knowledge)."""
 
     def __init__(self, app: GrpcApp, sock: Any):
+        from trtpipe.server.grpc_connection import GrpcAutoProtocol  # imports zttp
+
         self._sock = sock
         config = uvicorn.Config(
             app,
-            http="zttp",
-            http2=True,
+            http=GrpcAutoProtocol,
             lifespan="off",
             log_config=None,
             access_log=False,
