@@ -166,6 +166,8 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             max_requests=24,
             duration_s=30,
             c1_runs=3,
+            c1_direct_texts=12,
+            c1_block=5,
             offline_runs=1,
             threads=1,
         )
@@ -199,8 +201,10 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         c1 = proto["levels"][0]
         assert len(c1["overhead_p50_ms_runs"]) == 3
         assert c1["overhead_p50_ms"] == sorted(c1["overhead_p50_ms_runs"])[1]
-        # Each run is paired with a direct batch-1 call taken right after it (threads=1 here).
+        # Each run alternates blocks of served requests with direct batch-1 calls on the same
+        # sentences (threads=1 here): 12 sentences in blocks of 5, 5 and 2.
         assert c1["direct_threads"] == 1 and all(d > 0 for d in c1["direct_p50_ms_runs"])
+        assert c1["overhead_requests"] == 3 * 12 and c1["direct_block"] == 5
         assert c1["overhead_p50_ms_runs"] == pytest.approx(
             [p - d for p, d in zip(c1["p50_ms_runs"], c1["direct_p50_ms_runs"], strict=True)]
         )
@@ -241,10 +245,10 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
 
 def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> None:
     """The stats document says each CPU worker's intra-op threads; the bench's direct batch-1
-    pair of a c1 run reads them there, and spreads its sentences over what the run sent."""
+    calls of a c1 overhead run read them there."""
     import asyncio
 
-    from trtpipe.bench.served_text import _sent_indices, _worker_threads
+    from trtpipe.bench.served_text import _worker_threads
     from trtpipe.bench.server_readings import server_stats
     from trtpipe.devices import cpu_cores
 
@@ -253,5 +257,3 @@ def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> Non
     assert [d["threads"] for d in stats["devices"]] == [cpu_cores()]
     assert _worker_threads(stats) == cpu_cores()
     assert _worker_threads({"devices": [{"device": "cuda:0", "threads": None}]}) is None
-    assert _sent_indices(7, 5, 300) == [0, 1, 2, 3, 4, 0, 1]
-    assert _sent_indices(1000, 1000, 300) == list(range(0, 999, 3))[:300]

@@ -52,8 +52,9 @@ class ServedTextConfig:
     c1_runs: int = 5
     offline_runs: int = 3
     threads: int | None = None
-    # Sentences the direct batch-1 call after each c1 run times (spread over what the run sent).
+    # Sentences each c1 overhead run sends and calls directly, in alternating blocks.
     c1_direct_texts: int = 300
+    c1_block: int = 100
 
 
 @dataclass
@@ -144,11 +145,10 @@ def _batch1_seconds(run: Any, indices: Any) -> list[float]:
 @contextlib.contextmanager
 def direct_batch1(
     config: ServedTextConfig, offline: Offline, threads: int
-) -> Iterator[Callable[[list[int]], float]]:
-    """The engine loaded once for a c1 level's pairs: yields ``p50_ms(indices)``, a direct
-    batch-1 call on the sentences a c1 run just sent, with the intra-op threads of one server
-    worker, taken right after that run so that a machine whose speed drifts charges both
-    sides alike."""
+) -> Iterator[Callable[[list[int]], list[float]]]:
+    """The engine loaded once for a c1 level's overhead runs, with the intra-op threads of one
+    server worker: yields ``seconds(indices)``, the direct batch-1 call's time for each of
+    those sentences."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir
@@ -161,19 +161,7 @@ def direct_batch1(
         def run(rows: np.ndarray) -> dict[str, np.ndarray]:
             return runner.infer(pad_batch(offline.ids, rows, manifest.inputs, offline.pad_id))
 
-        def p50_ms(indices: list[int]) -> float:
-            _batch1_seconds(run, indices[:10])  # warm-up
-            return LatencyStats.from_seconds(_batch1_seconds(run, indices)).p50_ms
-
-        yield p50_ms
-
-
-def _sent_indices(issued: int, count: int, limit: int) -> list[int]:
-    """The sentence indices a level sent (it cycles through the texts), at most ``limit`` of
-    them spread evenly."""
-    sent = [i % count for i in range(issued)]
-    step = max(1, len(sent) // max(1, limit))
-    return sent[::step][:limit]
+        yield partial(_batch1_seconds, run)
 
 
 def _worker_threads(stats: dict[str, Any]) -> int | None:
@@ -223,12 +211,7 @@ async def _level(
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
             latencies.append(time.perf_counter() - sent)
-            expected = offline.vectors[index]
-            cosine = float(
-                np.dot(vector, expected)
-                / max(float(np.linalg.norm(vector) * np.linalg.norm(expected)), 1e-12)
-            )
-            if cosine < floor:
+            if not _agrees(vector, offline.vectors[index], floor):
                 wrong.append(index)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -258,31 +241,78 @@ async def _level(
 
 
 async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
-    """Five (``c1_runs``) c1 runs, each paired with a direct batch-1 call on the sentences it
-    sent, right after it and with one server worker's threads; the overhead is the median of
-    the five differences of p50."""
+    """The c1 level, then its overhead over a direct batch-1 call in ``c1_runs`` runs. A run
+    sends ``c1_direct_texts`` sentences one at a time and calls the engine directly on the
+    same sentences, alternating blocks of ``c1_block`` (well under a second each), so that a
+    machine whose speed drifts charges both sides alike; the overhead is the median of the
+    runs' differences of p50."""
     threads = (
         config.threads
         or _worker_threads(await server_stats(config.url, config.model))
         or cpu_cores()
     )
-    results, overheads, directs = [], [], []
-    with direct_batch1(config, offline, threads) as direct_p50_ms:
-        for _ in range(config.c1_runs):
-            result = await _level(client, config, offline, 1)
-            indices = _sent_indices(result["issued"], len(config.texts), config.c1_direct_texts)
-            direct = await asyncio.to_thread(direct_p50_ms, indices)
-            results.append(result)
-            directs.append(direct)
-            overheads.append(result["latency_ms"]["p50_ms"] - direct)
-    level = dict(results[0])
-    level["requests_per_s"] = median([r["requests_per_s"] for r in results])
-    level["p50_ms_runs"] = [r["latency_ms"]["p50_ms"] for r in results]
-    level["direct_p50_ms_runs"] = directs
+    level = await _level(client, config, offline, 1)
+    runs = []
+    with direct_batch1(config, offline, threads) as direct_seconds:
+        count, size = len(config.texts), max(1, config.c1_direct_texts)
+        await asyncio.to_thread(direct_seconds, list(range(min(count, 10))))  # warm-up
+        for run in range(config.c1_runs):
+            indices = [(run * size + i) % count for i in range(size)]
+            runs.append(await _c1_pairs(client, config, offline, direct_seconds, indices))
+    served = [r["served_p50_ms"] for r in runs]
+    direct = [r["direct_p50_ms"] for r in runs]
+    level["p50_ms_runs"] = served
+    level["direct_p50_ms_runs"] = direct
     level["direct_threads"] = threads
-    level["overhead_p50_ms_runs"] = overheads
-    level["overhead_p50_ms"] = median(overheads)
+    level["direct_block"] = config.c1_block
+    level["overhead_p50_ms_runs"] = [s - d for s, d in zip(served, direct, strict=True)]
+    level["overhead_p50_ms"] = median(level["overhead_p50_ms_runs"])
+    level["overhead_requests"] = sum(r["requests"] for r in runs)
+    level["wrong_replies"] += sum(r["wrong"] for r in runs)
+    level["errors"] += sum(r["errors"] for r in runs)
     return level
+
+
+async def _c1_pairs(
+    client: Client,
+    config: ServedTextConfig,
+    offline: Offline,
+    direct_seconds: Callable[[list[int]], list[float]],
+    indices: list[int],
+) -> dict[str, Any]:
+    """One overhead run: blocks of served requests, each followed by the same sentences
+    called directly."""
+    floor = agreement_floor(offline.precision)
+    served: list[float] = []
+    direct: list[float] = []
+    wrong = errors = 0
+    for start in range(0, len(indices), max(1, config.c1_block)):
+        block = indices[start : start + max(1, config.c1_block)]
+        for index in block:
+            sent = time.perf_counter()
+            try:
+                vector = await client.embed(index)
+            except Exception:  # every client raises its own error types
+                errors += 1
+                continue
+            served.append(time.perf_counter() - sent)
+            wrong += not _agrees(vector, offline.vectors[index], floor)
+        direct.extend(await asyncio.to_thread(direct_seconds, block))
+    if not served:
+        raise InputError("every c1 overhead request failed")
+    return {
+        "served_p50_ms": LatencyStats.from_seconds(served).p50_ms,
+        "direct_p50_ms": LatencyStats.from_seconds(direct).p50_ms,
+        "requests": len(served),
+        "wrong": wrong,
+        "errors": errors,
+    }
+
+
+def _agrees(vector: np.ndarray, expected: np.ndarray, floor: float) -> bool:
+    """Whether a reply's vector is its own sentence's: cosine at least ``floor``."""
+    norms = max(float(np.linalg.norm(vector) * np.linalg.norm(expected)), 1e-12)
+    return float(np.dot(vector, expected)) / norms >= floor
 
 
 async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
@@ -381,10 +411,15 @@ def served_text_table(data: dict[str, Any]) -> str:
             if "overhead_p50_ms" in level:
                 runs = ", ".join(f"{v:.2f}" for v in level["overhead_p50_ms_runs"])
                 direct = ", ".join(f"{v:.2f}" for v in level.get("direct_p50_ms_runs", []))
+                when = (
+                    f"in blocks of {level['direct_block']} between the served requests"
+                    if "direct_block" in level
+                    else "right after each run"
+                )
                 lines.append(
                     f"{'':<17} c1 p50 overhead over a direct batch-1 call: "
                     f"{level['overhead_p50_ms']:.2f} ms (median of {runs}; direct p50 "
-                    f"{direct} ms right after each run, {level.get('direct_threads', '?')} "
+                    f"{direct} ms {when}, {level.get('direct_threads', '?')} "
                     "thread(s) like one server worker)"
                 )
     workers = {
