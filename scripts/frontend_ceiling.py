@@ -156,12 +156,24 @@ def parse_request_counters(text: str, model: str) -> tuple[float, float]:
     return counts["success"], counts["failure"]
 
 
+# trtpipe's gRPC server (uvicorn) retires a connection after 3,072 calls with a graceful GOAWAY
+# (trtpipe.server.grpc_connection.ROTATE_AFTER_STREAMS), and h2load does not reconnect: it
+# counts the rest of that connection's calls as failed. Stay below it.
+H2LOAD_CALLS_PER_CONNECTION = 3000
+
+
 def h2load(
     grpc_url: str, body: Path, connections: int, requests: int, pid: int, counters: Any = None
 ) -> dict[str, float]:
     """``requests`` unary ModelInfer calls from h2load, one stream per connection (as wrk's
     connections). A fixed count, not a duration, so that the server's counters must match;
     ``counters`` reads them (None: a server without them)."""
+    if requests > connections * H2LOAD_CALLS_PER_CONNECTION:
+        raise SystemExit(
+            f"h2load: {requests} calls over {connections} connections is more than "
+            f"{H2LOAD_CALLS_PER_CONNECTION} per connection, past which the gRPC server moves a "
+            "client to a new connection and h2load does not follow: raise --connections"
+        )
     success0, failure0 = counters() if counters else (0.0, 0.0)
     out, server_cpu, main_cpu = run_load(
         [
@@ -392,6 +404,13 @@ def run_grpc(
 
     warm = h2load(grpc_url, body, args.connections, 2000, pid, counters)
     requests = max(1000, int(warm["requests_per_s"] * args.seconds))
+    most = args.connections * H2LOAD_CALLS_PER_CONNECTION
+    if requests > most:
+        print(
+            f"gRPC: {most} calls instead of {requests} "
+            f"({H2LOAD_CALLS_PER_CONNECTION} per connection)"
+        )
+        requests = most
     return h2load(grpc_url, body, args.connections, requests, pid, counters)
 
 

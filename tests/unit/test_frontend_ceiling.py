@@ -77,3 +77,11 @@ def test_a_directory_without_an_engine_gets_one_line_and_exit_2(tmp_path: Path) 
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and "no manifest.json" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_h2load_stays_below_the_calls_a_grpc_connection_serves(ceiling) -> None:  # type: ignore[no-untyped-def]
+    """h2load does not follow the server's GOAWAY to a new connection, so a run that would pass
+    a connection's budget is refused before it starts (no h2load needed)."""
+    most = 2 * ceiling.H2LOAD_CALLS_PER_CONNECTION
+    with pytest.raises(SystemExit, match="raise --connections"):
+        ceiling.h2load("127.0.0.1:1", Path("body"), 2, most + 1, 0)
