@@ -286,8 +286,9 @@ async def _c1_pairs(
     served: list[float] = []
     direct: list[float] = []
     wrong = errors = 0
-    for start in range(0, len(indices), max(1, config.c1_block)):
-        block = indices[start : start + max(1, config.c1_block)]
+    size = max(1, config.c1_block)
+    for start in range(0, len(indices), size):
+        block = indices[start : start + size]
         for index in block:
             sent = time.perf_counter()
             try:
