@@ -38,6 +38,24 @@ async def _serve(handler: Handler) -> tuple[asyncio.AbstractServer, int, list[in
     return server, server.sockets[0].getsockname()[1], accepted
 
 
+Scenario = Callable[[HttpConnections, list[int]], Awaitable[None]]
+
+
+def _run(handler: Handler, scenario: Scenario, timeout_s: float = 30.0) -> None:
+    """Start a server with ``handler``, run ``scenario(client, accepted)``, close both."""
+
+    async def main() -> None:
+        server, port, accepted = await _serve(handler)
+        client = HttpConnections(f"http://127.0.0.1:{port}", timeout_s=timeout_s)
+        try:
+            await scenario(client, accepted)
+        finally:
+            await client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
 async def _echo(body: bytes, writer: asyncio.StreamWriter) -> bool:
     writer.write(
         b"HTTP/1.1 200 OK\r\nX-Echo-Length: %d\r\nContent-Length: %d\r\n\r\n"
@@ -48,19 +66,15 @@ async def _echo(body: bytes, writer: asyncio.StreamWriter) -> bool:
 
 
 def test_sequential_requests_reuse_one_connection_and_read_whole_replies() -> None:
-    async def main() -> None:
-        server, port, accepted = await _serve(_echo)
-        client = HttpConnections(f"http://127.0.0.1:{port}")
+    async def scenario(client: HttpConnections, accepted: list[int]) -> None:
         bodies = [b"x" * n for n in (0, 1, 70_000, 5)]  # 70 kB arrives in several reads
         replies = [await client.post("/p", b, {"Content-Type": "text/plain"}) for b in bodies]
         assert [r.body for r in replies] == bodies
         assert [r.status for r in replies] == [200] * 4
         assert replies[2].headers["x-echo-length"] == "70000"  # names lowercased
         assert len(accepted) == 1
-        await client.close()
-        server.close()
 
-    asyncio.run(main())
+    _run(_echo, scenario)
 
 
 def test_concurrent_requests_each_get_their_own_reply_on_their_own_connection() -> None:
@@ -68,17 +82,13 @@ def test_concurrent_requests_each_get_their_own_reply_on_their_own_connection() 
         await asyncio.sleep(0.01 * (int(body) % 3))  # replies finish out of order
         return await _echo(body, writer)
 
-    async def main() -> None:
-        server, port, accepted = await _serve(slow_echo)
-        client = HttpConnections(f"http://127.0.0.1:{port}")
+    async def scenario(client: HttpConnections, accepted: list[int]) -> None:
         for _ in range(3):
             replies = await asyncio.gather(*(client.post("/p", b"%d" % i, {}) for i in range(8)))
             assert [r.body for r in replies] == [b"%d" % i for i in range(8)]
         assert len(accepted) == 8  # kept alive across the three rounds
-        await client.close()
-        server.close()
 
-    asyncio.run(main())
+    _run(slow_echo, scenario)
 
 
 def test_chunked_reply_and_connection_close_reply() -> None:
@@ -93,18 +103,14 @@ def test_chunked_reply_and_connection_close_reply() -> None:
         await writer.drain()
         return False
 
-    async def main() -> None:
-        server, port, accepted = await _serve(chunked_then_close)
-        client = HttpConnections(f"http://127.0.0.1:{port}")
+    async def scenario(client: HttpConnections, accepted: list[int]) -> None:
         reply = await client.post("/p", b"chunked", {})
         assert (reply.status, reply.body) == (503, b"abcde")
         assert (await client.post("/p", b"close", {})).body == b"ok"
         assert (await client.post("/p", b"close", {})).body == b"ok"  # on a new connection
         assert len(accepted) == 2
-        await client.close()
-        server.close()
 
-    asyncio.run(main())
+    _run(chunked_then_close, scenario)
 
 
 def test_a_dropped_connection_or_a_missing_reply_fails_the_request_not_the_client() -> None:
@@ -115,18 +121,14 @@ def test_a_dropped_connection_or_a_missing_reply_fails_the_request_not_the_clien
             await asyncio.sleep(5)
         return await _echo(body, writer)
 
-    async def main() -> None:
-        server, port, _ = await _serve(drop_or_stall)
-        client = HttpConnections(f"http://127.0.0.1:{port}", timeout_s=0.2)
+    async def scenario(client: HttpConnections, accepted: list[int]) -> None:
         with pytest.raises(ConnectionError):
             await client.post("/p", b"drop", {})
         with pytest.raises(TimeoutError):
             await client.post("/p", b"stall", {})
         assert (await client.post("/p", b"fine", {})).body == b"fine"
-        await client.close()
-        server.close()
 
-    asyncio.run(main())
+    _run(drop_or_stall, scenario, timeout_s=0.2)
 
 
 def test_only_plain_http_urls() -> None:
