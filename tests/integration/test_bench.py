@@ -244,6 +244,27 @@ def test_online_without_a_server_is_a_clear_error() -> None:
     assert "cannot reach a server" in result.output
 
 
+def test_served_text_without_a_server_or_model_is_a_clear_error(
+    tiny_bert_engine: Path, corpus: Path
+) -> None:
+    """Checked before the offline figures are taken (a minute on a real corpus)."""
+    args = ["--engine-dir", str(tiny_bert_engine), "--texts", str(corpus), "--concurrency", "1"]
+    result = CliRunner().invoke(cli, ["bench", "--url", "127.0.0.1:9", "--model", "m", *args])
+    assert result.exit_code == 2
+    assert "cannot reach a server at 127.0.0.1:9" in result.output
+    assert "Traceback" not in result.output
+    from tests.server_utils import start_server
+
+    server = start_server([f"tiny={tiny_bert_engine}"], devices=1, grpc=False)
+    try:
+        url = f"127.0.0.1:{server.server.http_port}"
+        result = CliRunner().invoke(cli, ["bench", "--url", url, "--model", "nope", *args])
+    finally:
+        server.stop()
+    assert result.exit_code == 2
+    assert "has no ready model 'nope'" in result.output
+
+
 def test_generation_mode_against_hf_generate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

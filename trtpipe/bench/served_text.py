@@ -28,7 +28,13 @@ import numpy as np
 
 from trtpipe.bench.common import timed
 from trtpipe.bench.served_clients import CLIENTS, Client, client_for
-from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
+from trtpipe.bench.server_readings import (
+    cpu_split,
+    ensure_ready,
+    read_server,
+    server_split,
+    server_stats,
+)
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
@@ -354,9 +360,11 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
         raise InputError("gRPC protocols need --grpc-url HOST:PORT")
     if config.max_requests < 1 or config.duration_s <= 0:
         raise InputError("--requests and --duration must be positive")
-    offline = offline_figures(config)
     # uvloop, as the server: on a shared machine the load generator's CPU is the server's loss.
     from trtpipe.server.loop import run as run_loop
+
+    run_loop(ensure_ready(config.url, config.model))  # before a minute of offline figures
+    offline = offline_figures(config)
 
     protocols = [run_loop(_protocol(p, config, offline)) for p in config.protocols]
     return {
