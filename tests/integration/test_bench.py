@@ -262,7 +262,7 @@ def test_served_text_without_a_server_or_model_is_a_clear_error(
     finally:
         server.stop()
     assert result.exit_code == 2
-    assert "has no ready model 'nope'" in result.output
+    assert f"model 'nope' is not served by {url}" in result.output
 
 
 def test_generation_mode_against_hf_generate(

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 TOKEN_INPUTS = {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
 PAYLOADS = 64  # distinct request bodies, cycled
+
+
+class ServerTarget(Protocol):
+    """What the readiness check needs of a bench's settings: the server and the model."""
+
+    url: str
+    model: str
 
 
 @dataclass
@@ -106,7 +113,9 @@ def _model_stats(document: Any, model: str) -> dict[str, Any]:
     return {}
 
 
-async def _connect(client: Any, config: OnlineConfig) -> dict[str, Any]:
+async def connect(client: Any, config: ServerTarget) -> dict[str, Any]:
+    """The model's metadata, once the server answers and the model is ready and takes tensor
+    requests; else InputError in one line, with the server's own reason where it gives one."""
     try:
         ready = await client.is_server_ready()
     except Exception as exc:  # aiohttp raises its own connection errors
@@ -124,7 +133,7 @@ async def _connect(client: Any, config: OnlineConfig) -> dict[str, Any]:
     return metadata
 
 
-async def _why_not_ready(client: Any, config: OnlineConfig) -> str:
+async def _why_not_ready(client: Any, config: ServerTarget) -> str:
     """The server's own reason (unknown name, a text-generation engine), said for this command."""
     from tritonclient.utils import InferenceServerException
 
@@ -142,7 +151,7 @@ async def _why_not_ready(client: Any, config: OnlineConfig) -> str:
     return f"model {config.model!r} is not served by {config.url}: {reason}"
 
 
-def _generation_model(config: OnlineConfig) -> str:
+def _generation_model(config: ServerTarget) -> str:
     return (
         f"model {config.model!r} on {config.url} is a text-generation engine; the online "
         "bench sends tensor requests to KServe v2 infer. Add --generate to benchmark its "
@@ -244,7 +253,7 @@ async def _sweep(config: OnlineConfig, vocab: int) -> tuple[list[dict[str, Any]]
     url = config.url.removeprefix("http://")
     client = triton_http.InferenceServerClient(url, conn_limit=max(config.concurrency) + 4)
     try:
-        metadata = await _connect(client, config)
+        metadata = await connect(client, config)
         if _is_generation_model(metadata):
             raise InputError(_generation_model(config))
         arrays = request_arrays(metadata["inputs"], config.seq_len, vocab, PAYLOADS)

@@ -27,14 +27,8 @@ from typing import Any
 import numpy as np
 
 from trtpipe.bench.common import timed
-from trtpipe.bench.served_clients import CLIENTS, Client, client_for
-from trtpipe.bench.server_readings import (
-    cpu_split,
-    ensure_ready,
-    read_server,
-    server_split,
-    server_stats,
-)
+from trtpipe.bench.served_clients import CLIENTS, Client, client_for, http_url
+from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
@@ -210,14 +204,13 @@ async def _level(
         while issued < config.max_requests and time.perf_counter() < deadline:
             index = issued % count
             issued += 1
-            sent = time.perf_counter()
             try:
-                vector = await client.embed(index)
+                seconds, agrees = await _send(client, index, offline, floor)
             except Exception as exc:  # every client raises its own error types
                 errors.append(f"{type(exc).__name__}: {exc}")
                 continue
-            latencies.append(time.perf_counter() - sent)
-            if not _agrees(vector, offline.vectors[index], floor):
+            latencies.append(seconds)
+            if not agrees:
                 wrong.append(index)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -296,14 +289,13 @@ async def _c1_pairs(
     for start in range(0, len(indices), size):
         block = indices[start : start + size]
         for index in block:
-            sent = time.perf_counter()
             try:
-                vector = await client.embed(index)
+                seconds, agrees = await _send(client, index, offline, floor)
             except Exception:  # every client raises its own error types
                 errors += 1
                 continue
-            served.append(time.perf_counter() - sent)
-            wrong += not _agrees(vector, offline.vectors[index], floor)
+            served.append(seconds)
+            wrong += not agrees
         direct.extend(await asyncio.to_thread(direct_seconds, block))
     if not served:
         raise InputError("every c1 overhead request failed")
@@ -316,10 +308,31 @@ async def _c1_pairs(
     }
 
 
+async def _send(client: Client, index: int, offline: Offline, floor: float) -> tuple[float, bool]:
+    """One request, timed: its seconds, and whether the reply is its own sentence's vector.
+    Raises what the client raises."""
+    sent = time.perf_counter()
+    vector = await client.embed(index)
+    return time.perf_counter() - sent, _agrees(vector, offline.vectors[index], floor)
+
+
 def _agrees(vector: np.ndarray, expected: np.ndarray, floor: float) -> bool:
     """Whether a reply's vector is its own sentence's: cosine at least ``floor``."""
     norms = max(float(np.linalg.norm(vector) * np.linalg.norm(expected)), 1e-12)
     return float(np.dot(vector, expected)) / norms >= floor
+
+
+async def _ensure_ready(config: ServedTextConfig) -> None:
+    """The online bench's readiness check (server answers, model ready, tensor requests)."""
+    import tritonclient.http.aio as triton_http
+
+    from trtpipe.bench.online import connect
+
+    client = triton_http.InferenceServerClient(http_url(config.url).split("://", 1)[1])
+    try:
+        await connect(client, config)
+    finally:
+        await client.close()
 
 
 async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
@@ -363,7 +376,7 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
     # uvloop, as the server: on a shared machine the load generator's CPU is the server's loss.
     from trtpipe.server.loop import run as run_loop
 
-    run_loop(ensure_ready(config.url, config.model))  # before a minute of offline figures
+    run_loop(_ensure_ready(config))  # before a minute of offline figures
     offline = offline_figures(config)
 
     protocols = [run_loop(_protocol(p, config, offline)) for p in config.protocols]

@@ -11,31 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from trtpipe.bench.served_clients import http_url
-from trtpipe.errors import InputError
 
 PROCESS_CPU = "process_cpu_seconds_total"  # prometheus-client's standard process metric
-
-
-async def ensure_ready(url: str, model: str) -> None:
-    """InputError, in one line, unless the server at ``url`` answers and ``model`` is ready."""
-    import aiohttp
-
-    base = http_url(url)
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{base}/v2/health/ready") as response:
-                server_ready = response.status == 200
-            async with session.get(f"{base}/v2/models/{model}/ready") as response:
-                model_ready = response.status == 200
-    except (aiohttp.ClientError, OSError) as exc:
-        raise InputError(
-            f"cannot reach a server at {url} ({type(exc).__name__}: {exc}); "
-            "start one with trtpipe serve ENGINE_DIR"
-        ) from exc
-    if not server_ready:
-        raise InputError(f"the server at {url} is not ready")
-    if not model_ready:
-        raise InputError(f"the server at {url} has no ready model {model!r}")
 
 
 async def server_stats(url: str, model: str) -> dict[str, Any]:
