@@ -10,6 +10,7 @@ import numpy as np
 from trtpipe.engine import ShapeRange, TensorSpec
 from trtpipe.runtime.batch_hooks import PaddingHooks
 from trtpipe.runtime.batcher import BatcherConfig, DynamicBatcher
+from trtpipe.runtime.device_worker import Job
 from trtpipe.runtime.padding import Layout
 
 IDS = TensorSpec("input_ids", "int64", [-1, -1], ["batch", "sequence"])
@@ -29,12 +30,11 @@ class EchoPool:
         self.profile = {"input_ids": ShapeRange([1, 1], [4, 8], [8, 16])}
         self.launches: list[np.ndarray] = []
 
-    async def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def submit(self, feeds: dict[str, np.ndarray]) -> Job:
         self.launches.append(feeds["input_ids"])
-        return {"ids_out": feeds["input_ids"].copy()}
-
-    async def run_timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        return await self.run(feeds), 0
+        job = Job(feeds)
+        job.future.set_result({"ids_out": feeds["input_ids"].copy()})
+        return job
 
 
 def test_launches_use_the_hooks_pad_ids_and_each_request_gets_its_rows() -> None:

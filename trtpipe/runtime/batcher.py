@@ -9,6 +9,11 @@ within ``max_padding_share`` and costs less than the launch overhead it shares, 
 batcher learns from its own launches (``batch_plan``, ``launch_cost``). Up to one batch per
 healthy device is in flight, plus one prepared ahead, so N devices work at once and none waits
 for the next launch; while they are busy requests pile up and batches grow by themselves.
+
+What waits lives in ``request_queue``. Batches are formed by a callback at the loop's next turn
+after any change, and a launch's result comes back by one callback from the device thread: no
+task per launch and no scheduler task (each task wake-up cost tens of microseconds per request
+at concurrency 1).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +31,12 @@ from trtpipe.errors import InputError, RunnerError, TrtpipeError
 from trtpipe.runners.base import validate_feeds
 from trtpipe.runtime.batch_config import BatcherConfig
 from trtpipe.runtime.batch_hooks import BatchHooks, PaddingHooks
-from trtpipe.runtime.batch_plan import nearest_lengths, padded_length
+from trtpipe.runtime.batch_plan import padded_length
+from trtpipe.runtime.device_worker import Job
 from trtpipe.runtime.launch_cost import LaunchCostModel
 from trtpipe.runtime.padding import Layout
 from trtpipe.runtime.pool import DevicePool
+from trtpipe.runtime.request_queue import LengthPlan, QueuedRequest, RequestQueue
 from trtpipe.runtime.stats import BatcherStats
 
 log = logging.getLogger(__name__)
@@ -49,16 +55,20 @@ class RequestTimeoutError(TrtpipeError):
 
 
 @dataclass(eq=False)
-class _Request:
-    feeds: dict[str, np.ndarray]
-    rows: int
-    seq_len: int
-    key: tuple[Any, ...]
-    future: asyncio.Future[dict[str, np.ndarray]]
-    arrival: float  # loop time, seconds
-    arrival_ns: int
-    state: str = "queued"  # queued -> running -> done
-    timer: asyncio.TimerHandle | None = None
+class _Launch:
+    batch: list[QueuedRequest]
+    start_ns: int
+    infer_ns: int = 0
+    padded: int = 0
+    job: Job | None = None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """From a device thread; a loop already closed (shutdown without drain) drops the result."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        log.debug("a launch finished after its event loop closed")
 
 
 class DynamicBatcher:
@@ -79,13 +89,12 @@ class DynamicBatcher:
         self._hooks: BatchHooks | None = None
         self.stats = BatcherStats()
         self.launch_costs = LaunchCostModel()
-        self._groups: dict[tuple[Any, ...], deque[_Request]] = {}
-        self._group_rows: dict[tuple[Any, ...], int] = {}
-        self._pending = 0
+        self._queue = RequestQueue()
         self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._changed: asyncio.Event | None = None
-        self._scheduler: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kick_due = False  # a _kick is already queued on the loop
+        self._wake_timer: asyncio.TimerHandle | None = None  # when a queue head's wait ends
+        self._changed: asyncio.Event | None = None  # only stop() waits on it
         self._running = False
         self._stopping = False
         self._last_launch_requests = 0
@@ -94,7 +103,7 @@ class DynamicBatcher:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the pool if needed (off the loop) and the scheduler task."""
+        """Start the pool if needed (off the loop); batches are formed on the calling loop."""
         if self._running:
             return
         if not self.pool.started:
@@ -111,11 +120,10 @@ class DynamicBatcher:
                 limit,
             )
         self.max_batch_size = min(wanted, limit) if self._layout.batchable else 1
+        self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._stopping = False
         self._running = True
-        self._scheduler = asyncio.create_task(self._schedule(), name="trtpipe-batcher")
-        self._scheduler.add_done_callback(self._scheduler_done)
         log.info(
             "batcher started: max batch %d, delay %.1f ms, queue %d, %d device(s)",
             self.max_batch_size,
@@ -130,15 +138,16 @@ class DynamicBatcher:
             return
         self._stopping = True
         if not drain:
-            for group in list(self._groups.values()):
-                for request in list(group):
-                    self._remove(request)
-                    self._fail(request, BatcherStoppedError("the server is shutting down"))
+            for request in self._queue.waiting():
+                self._queue.remove(request)
+                self._fail(request, BatcherStoppedError("the server is shutting down"))
         self._notify()
-        if self._scheduler is not None:
-            await asyncio.gather(self._scheduler, return_exceptions=True)
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        changed = self._changed
+        while (self._queue.pending or self._inflight) and changed is not None:
+            changed.clear()  # every launch, finish and expiry notifies
+            await changed.wait()
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
         self._running = False
         log.info("batcher stopped (%d requests answered)", self.stats.request_success)
 
@@ -149,7 +158,7 @@ class DynamicBatcher:
     @property
     def pending(self) -> int:
         """Requests waiting in the queue (not yet launched)."""
-        return self._pending
+        return self._queue.pending
 
     @property
     def inflight_batches(self) -> int:
@@ -174,7 +183,7 @@ class DynamicBatcher:
         except InputError:
             self.stats.request_failure += 1
             raise
-        if self._pending >= self.config.max_queue_size:
+        if self._queue.pending >= self.config.max_queue_size:
             self.stats.request_failure += 1
             self.stats.rejected_queue_full += 1
             raise QueueFullError(
@@ -188,7 +197,7 @@ class DynamicBatcher:
             return await request.future
         except asyncio.CancelledError:
             if not request.future.done():
-                self._remove(request)
+                self._queue.remove(request)
                 self.stats.request_failure += 1
                 request.future.cancel()
                 self._notify()
@@ -196,7 +205,7 @@ class DynamicBatcher:
 
     def _prepare(
         self, feeds: dict[str, np.ndarray], loop: asyncio.AbstractEventLoop, validated: bool
-    ) -> _Request:
+    ) -> QueuedRequest:
         layout = self._layout
         assert layout is not None
         if not isinstance(feeds, dict):
@@ -236,7 +245,7 @@ class DynamicBatcher:
             for spec in layout.inputs
         )
         group = 0 if layout.batchable else seq_len  # unbatchable: only equal shapes share
-        return _Request(
+        return QueuedRequest(
             feeds=checked,
             rows=rows,
             seq_len=seq_len,
@@ -246,85 +255,33 @@ class DynamicBatcher:
             arrival_ns=time.perf_counter_ns(),
         )
 
-    # -- queue -------------------------------------------------------------------------------
+    # -- queue ---------------------------------------------------------------------------------
     def _notify(self) -> None:
+        """Something changed (arrival, finish, expiry, stop): form batches at the loop's next
+        turn, once however many changes come in this one, so requests that arrive together
+        still share a launch."""
         if self._changed is not None:
             self._changed.set()
+        if not self._kick_due and self._loop is not None:
+            self._kick_due = True
+            self._loop.call_soon(self._kick)
 
-    def _enqueue(self, request: _Request) -> None:
-        self._groups.setdefault(request.key, deque()).append(request)
-        self._group_rows[request.key] = self._group_rows.get(request.key, 0) + request.rows
-        self._pending += 1
+    def _enqueue(self, request: QueuedRequest) -> None:
+        self._queue.add(request)
         self._notify()
 
-    def _remove(self, request: _Request) -> None:
-        """Take a queued request out of its group (timeout, cancel, no-drain stop)."""
-        if request.state != "queued":
-            return
-        group = self._groups.get(request.key)
-        if group is None or request not in group:
-            return
-        group.remove(request)
-        self._group_rows[request.key] -= request.rows
-        if not group:
-            del self._groups[request.key]
-            del self._group_rows[request.key]
-        self._pending -= 1
-        request.state = "done"
-
-    def _take(self, key: tuple[Any, ...]) -> list[_Request]:
+    def _take(self, key: tuple[Any, ...]) -> list[QueuedRequest]:
         """The oldest request of the group plus what shares its launch (see module docstring)."""
-        if self.config.group_by_length and self._layout is not None and self._layout.batchable:
-            return self._take_nearest(key)
-        group = self._groups[key]
-        head = group.popleft()
-        batch, rows, left = [head], head.rows, deque[_Request]()
-        while group:
-            request = group.popleft()
-            if (
-                self._layout is not None
-                and self._layout.batchable
-                and (rows + request.rows <= self.max_batch_size)
-            ):
-                batch.append(request)
-                rows += request.rows
-            else:
-                left.append(request)
-            if rows >= self.max_batch_size:
-                break
-        left.extend(group)
-        return self._detach(key, batch, left)
-
-    def _take_nearest(self, key: tuple[Any, ...]) -> list[_Request]:
-        """The oldest request and its nearest neighbours in length (``batch_plan``)."""
-        group = list(self._groups[key])
-        picked = nearest_lengths(
-            [r.seq_len for r in group],
-            [r.rows for r in group],
-            self.max_batch_size,
-            self.config.max_padding_share,
-            self.config.bucket_multiple,
-            self._layout.max_seq if self._layout is not None else None,
-            self.launch_costs.overhead_positions() if self.config.learn_launch_cost else None,
-        )
-        chosen = set(picked)
-        left = deque(r for i, r in enumerate(group) if i not in chosen)
-        return self._detach(key, [group[i] for i in picked], left)
-
-    def _detach(
-        self, key: tuple[Any, ...], batch: list[_Request], left: deque[_Request]
-    ) -> list[_Request]:
-        """Take ``batch`` out of its group (``left`` is what stays queued), mark it running."""
-        if left:
-            self._groups[key] = left
-            self._group_rows[key] -= sum(r.rows for r in batch)
-        else:
-            del self._groups[key]
-            del self._group_rows[key]
-        self._pending -= len(batch)
-        for request in batch:
-            request.state = "running"
-        return batch
+        layout = self._layout
+        assert layout is not None
+        plan = None
+        if self.config.group_by_length:
+            config = self.config
+            learnt = self.launch_costs.overhead_positions() if config.learn_launch_cost else None
+            plan = LengthPlan(
+                config.max_padding_share, config.bucket_multiple, layout.max_seq, learnt
+            )
+        return self._queue.take(key, self.max_batch_size, layout.batchable, plan)
 
     def _capacity(self) -> int:
         """Batches out at once: one per healthy device plus one prepared ahead, which waits in
@@ -335,123 +292,135 @@ class DynamicBatcher:
             return self.config.max_inflight_batches
         return max(1, self.pool.healthy_count) + 1
 
-    def _next_group(self, now: float) -> tuple[tuple[Any, ...] | None, float | None]:
-        """(group to launch now, or None; when to look again if nothing is ready)."""
-        delay = self.config.max_queue_delay_ms / 1000.0
+    def _queue_delay_s(self) -> float:
+        """How long a queue head may wait for company: no wait while requests come one at a
+        time (adaptive delay: the last launch ran alone and nothing is queued or running)."""
         if (
             self.config.adaptive_delay
-            and self._pending == 1
+            and self._queue.pending <= 1
             and self._last_launch_requests <= 1
             and self._inflight == 0
         ):
-            delay = 0.0
-        ready: tuple[float, tuple[Any, ...]] | None = None
-        wake: float | None = None
-        for key, group in self._groups.items():
-            head = group[0]
-            deadline = head.arrival + delay
-            full = self._group_rows[key] >= self.max_batch_size
-            if full or deadline <= now or self._stopping:
-                if ready is None or head.arrival < ready[0]:
-                    ready = (head.arrival, key)
-            elif wake is None or deadline < wake:
-                wake = deadline
-        return (ready[1] if ready else None), wake
+            return 0.0
+        return self.config.max_queue_delay_ms / 1000.0
 
-    async def _schedule(self) -> None:
-        """The one task that forms batches; launches run as their own tasks."""
-        changed = self._changed
-        assert changed is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            changed.clear()
-            if not self._pending:
-                if self._stopping:
+    def _kick(self) -> None:
+        """Launch every group that is ready while devices can take it; else wake at the
+        earliest queue head's deadline."""
+        self._kick_due = False
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        loop = self._loop
+        assert loop is not None
+        try:
+            while self._queue.pending and self._inflight < self._capacity():
+                key, wake = self._queue.next_ready(
+                    loop.time(), self._queue_delay_s(), self.max_batch_size, self._stopping
+                )
+                if key is None:
+                    if wake is not None:
+                        self._wake_timer = loop.call_at(wake, self._kick)
                     return
-                await changed.wait()
-                continue
-            if self._inflight >= self._capacity():
-                await changed.wait()
-                continue
-            key, wake = self._next_group(loop.time())
-            if key is None:
-                timer = loop.call_at(wake, changed.set) if wake is not None else None
-                await changed.wait()
-                if timer is not None:
-                    timer.cancel()
-                continue
-            batch = self._take(key)
-            self._inflight += 1
-            self._last_launch_requests = len(batch)
-            task = asyncio.create_task(self._launch(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                self._launch(self._take(key))
+        except Exception as exc:
+            self._scheduling_failed(exc)
 
-    def _scheduler_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        log.error("the batch scheduler stopped", exc_info=task.exception())
-        error = RunnerError(f"the batch scheduler failed: {task.exception()}")
-        for group in list(self._groups.values()):
-            for request in list(group):
-                self._remove(request)
-                self._fail(request, error)
+    def _scheduling_failed(self, exc: Exception) -> None:
+        """A bug in forming batches: fail what is queued and refuse more, rather than hang."""
+        log.error("the batch scheduler failed", exc_info=exc)
+        error = RunnerError(f"the batch scheduler failed: {exc}")
+        for request in self._queue.waiting():
+            self._queue.remove(request)
+            self._fail(request, error)
         self._stopping = True
+        if self._changed is not None:
+            self._changed.set()
 
     # -- launch ------------------------------------------------------------------------------
-    async def _launch(self, batch: list[_Request]) -> None:
-        start_ns = time.perf_counter_ns()
+    def _launch(self, batch: list[QueuedRequest]) -> None:
+        """Pad ``batch`` and hand it to the pool now; :meth:`_finish` answers it on the loop.
+
+        No task per launch: the device thread's result comes back in one ``call_soon_threadsafe``
+        (a task and ``wrap_future`` cost two more turns of the loop per launch).
+        """
+        self._inflight += 1
+        self._last_launch_requests = len(batch)
+        launch = _Launch(batch, time.perf_counter_ns())
         try:
             hooks = self._hooks
             assert hooks is not None, "start() the batcher first"
-            padded = self._padded_length(batch)
-            feeds = hooks.prepare([(r.feeds, r.rows) for r in batch], padded)
-            infer_ns = time.perf_counter_ns()
-            outputs, device_ns = await self.pool.run_timed(feeds)
-            output_ns = time.perf_counter_ns()
-            results = hooks.split(outputs, [(r.rows, r.seq_len) for r in batch], padded)
-            end_ns = time.perf_counter_ns()
+            launch.padded = self._padded_length(batch)
+            feeds = hooks.prepare([(r.feeds, r.rows) for r in batch], launch.padded)
+            launch.infer_ns = time.perf_counter_ns()
+            launch.job = self.pool.submit(feeds)
         except Exception as exc:
-            error = exc if isinstance(exc, TrtpipeError) else RunnerError(f"batch failed: {exc}")
-            if not isinstance(exc, TrtpipeError):
-                log.exception("batch of %d request(s) failed", len(batch))
-            for request in batch:
-                self._fail(request, error)
-        else:
-            rows = sum(r.rows for r in batch)
-            self.launch_costs.record(rows * padded, device_ns / 1e9)
-            stats = self.stats
-            stats.record_execution(rows, output_ns - infer_ns)
-            stats.real_tokens += sum(r.rows * r.seq_len for r in batch)
-            stats.padded_tokens += sum(r.rows * (padded - r.seq_len) for r in batch)
-            for request, result in zip(batch, results, strict=True):
-                if request.future.done():
-                    continue  # timed out or cancelled while running
-                request.state = "done"
-                if request.timer is not None:
-                    request.timer.cancel()
-                request.future.set_result(result)
-                stats.request_success += 1
-                stats.success_ns += end_ns - request.arrival_ns
-                stats.queue_ns += start_ns - request.arrival_ns
-                stats.compute_input_ns += infer_ns - start_ns
-                stats.compute_infer_ns += output_ns - infer_ns
-                stats.compute_output_ns += end_ns - output_ns
+            self._finish(launch, exc)
+            return
+        loop = self._loop
+        assert loop is not None
+        launch.job.future.add_done_callback(lambda _: _call_soon(loop, self._finish, launch))
+
+    def _finish(self, launch: _Launch, error: BaseException | None = None) -> None:
+        """On the loop: each request of the launch gets its own rows, or the launch's error."""
+        batch = launch.batch
+        try:
+            if error is None:
+                assert launch.job is not None
+                error = launch.job.future.exception()
+            if error is None:
+                self._answer(launch)
+                return
+        except Exception as exc:
+            error = exc
         finally:
             self._inflight -= 1
             self._notify()
+        if not isinstance(error, TrtpipeError):
+            log.error("batch of %d request(s) failed", len(batch), exc_info=error)
+            error = RunnerError(f"batch failed: {error}")
+        for request in batch:
+            self._fail(request, error)
+
+    def _answer(self, launch: _Launch) -> None:
+        assert launch.job is not None and self._hooks is not None
+        output_ns = time.perf_counter_ns()
+        batch, padded, job = launch.batch, launch.padded, launch.job
+        results = self._hooks.split(
+            job.future.result(), [(r.rows, r.seq_len) for r in batch], padded
+        )
+        end_ns = time.perf_counter_ns()
+        rows = sum(r.rows for r in batch)
+        self.launch_costs.record(rows * padded, job.device_ns / 1e9)
+        stats = self.stats
+        stats.record_execution(rows, output_ns - launch.infer_ns)
+        stats.real_tokens += sum(r.rows * r.seq_len for r in batch)
+        stats.padded_tokens += sum(r.rows * (padded - r.seq_len) for r in batch)
+        for request, result in zip(batch, results, strict=True):
+            if request.future.done():
+                continue  # timed out or cancelled while running
+            request.state = "done"
+            if request.timer is not None:
+                request.timer.cancel()
+            request.future.set_result(result)
+            stats.request_success += 1
+            stats.success_ns += end_ns - request.arrival_ns
+            stats.queue_ns += launch.start_ns - request.arrival_ns
+            stats.compute_input_ns += launch.infer_ns - launch.start_ns
+            stats.compute_infer_ns += output_ns - launch.infer_ns
+            stats.compute_output_ns += end_ns - output_ns
 
     def _padding_hooks(self, layout: Layout) -> BatchHooks:
         right = self.config.padding_side == "right"
         return PaddingHooks(layout, self.config.pad_token_ids, right)
 
-    def _padded_length(self, batch: list[_Request]) -> int:
+    def _padded_length(self, batch: list[QueuedRequest]) -> int:
         """The batch's one length, else its longest rounded up to ``bucket_multiple``."""
         lengths = [r.seq_len for r in batch]
         limit = self._layout.max_seq if self._layout is not None else None
         return padded_length(min(lengths), max(lengths), self.config.bucket_multiple, limit)
 
-    def _fail(self, request: _Request, error: BaseException) -> None:
+    def _fail(self, request: QueuedRequest, error: BaseException) -> None:
         request.state = "done"
         if request.timer is not None:
             request.timer.cancel()
@@ -459,17 +428,17 @@ class DynamicBatcher:
             request.future.set_exception(error)
             self.stats.request_failure += 1
 
-    def _expire(self, request: _Request) -> None:
+    def _expire(self, request: QueuedRequest) -> None:
         if request.future.done():
             return
         where = "in the queue" if request.state == "queued" else "while running"
-        self._remove(request)
+        self._queue.remove(request)
         self.stats.timeouts += 1
         self._fail(
             request,
             RequestTimeoutError(
                 f"request not answered within {self.config.timeout_s:g} s (expired {where}, "
-                f"{self._pending} waiting); raise --timeout or add devices"
+                f"{self._queue.pending} waiting); raise --timeout or add devices"
             ),
         )
         self._notify()

@@ -241,15 +241,15 @@ class DevicePool:
 
     async def run_timed(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """:meth:`run`, plus the nanoseconds the device's runner took (no queueing)."""
-        job = self._submit(feeds)
+        job = self.submit(feeds)
         outputs = await asyncio.wrap_future(job.future)
         return outputs, job.device_ns
 
     def run_sync(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Same as :meth:`run`, blocking, for code without an event loop."""
-        return self._submit(feeds).future.result()
+        return self.submit(feeds).future.result()
 
-    def _submit(self, feeds: dict[str, np.ndarray]) -> Job:
+    def submit(self, feeds: dict[str, np.ndarray]) -> Job:
         job = Job(feeds)
         with self._lock:
             if not self._started or self._closing:
