@@ -496,3 +496,33 @@ def test_bad_config_is_an_input_error() -> None:
         BatcherConfig(padding_side="middle").validate()
     with pytest.raises(InputError, match="max queue size"):
         BatcherConfig(max_queue_size=0).validate()
+
+
+def test_a_fault_in_forming_batches_fails_the_queued_requests_instead_of_hanging() -> None:
+    """Batches are formed in a loop callback: if that callback raises (a bug), the queued
+    requests get a clear error and the batcher refuses more, rather than leaving them waiting."""
+    harness = Harness(devices=1, max_queue_delay_ms=0)
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("planning bug")
+
+    async def main() -> tuple[list[Any], bool]:
+        batcher = harness.batcher
+        await batcher.start()
+        batcher._queue.next_ready = broken  # type: ignore[method-assign]
+        try:
+            submits = (batcher.submit(request(i, 1, 4)) for i in range(3))
+            results = await asyncio.wait_for(
+                asyncio.gather(*submits, return_exceptions=True), timeout=10
+            )
+            return list(results), batcher.running
+        finally:
+            await batcher.stop(drain=False)
+
+    try:
+        results, running = asyncio.run(main())
+    finally:
+        harness.pool.close()
+    assert all(isinstance(r, RunnerError) and "planning bug" in str(r) for r in results)
+    assert not running
+    assert harness.launches == []
