@@ -138,9 +138,7 @@ class DynamicBatcher:
             return
         self._stopping = True
         if not drain:
-            for request in self._queue.waiting():
-                self._queue.remove(request)
-                self._fail(request, BatcherStoppedError("the server is shutting down"))
+            self._fail_queued(BatcherStoppedError("the server is shutting down"))
         self._notify()
         changed = self._changed
         while (self._queue.pending or self._inflight) and changed is not None:
@@ -329,10 +327,7 @@ class DynamicBatcher:
     def _scheduling_failed(self, exc: Exception) -> None:
         """A bug in forming batches: fail what is queued and refuse more, rather than hang."""
         log.error("the batch scheduler failed", exc_info=exc)
-        error = RunnerError(f"the batch scheduler failed: {exc}")
-        for request in self._queue.waiting():
-            self._queue.remove(request)
-            self._fail(request, error)
+        self._fail_queued(RunnerError(f"the batch scheduler failed: {exc}"))
         self._stopping = True
         if self._changed is not None:
             self._changed.set()
@@ -419,6 +414,12 @@ class DynamicBatcher:
         lengths = [r.seq_len for r in batch]
         limit = self._layout.max_seq if self._layout is not None else None
         return padded_length(min(lengths), max(lengths), self.config.bucket_multiple, limit)
+
+    def _fail_queued(self, error: BaseException) -> None:
+        """Every request still waiting gets ``error`` (no-drain stop, a scheduling fault)."""
+        for request in self._queue.waiting():
+            self._queue.remove(request)
+            self._fail(request, error)
 
     def _fail(self, request: QueuedRequest, error: BaseException) -> None:
         request.state = "done"

@@ -250,6 +250,7 @@ class DevicePool:
         return self.submit(feeds).future.result()
 
     def submit(self, feeds: dict[str, np.ndarray]) -> Job:
+        """Hand one already-batched launch to a device; ``job.future`` resolves on its thread."""
         job = Job(feeds)
         with self._lock:
             if not self._started or self._closing:

@@ -55,13 +55,13 @@ class RequestQueue:
         self._rows[request.key] = self._rows.get(request.key, 0) + request.rows
         self.pending += 1
 
-    def remove(self, request: QueuedRequest) -> bool:
-        """Take a still queued request out (timeout, cancel, stop); False if it was not queued."""
+    def remove(self, request: QueuedRequest) -> None:
+        """Take a request out if it is still queued (timeout, cancel, stop)."""
         if request.state != "queued":
-            return False
+            return
         group = self._groups.get(request.key)
         if group is None or request not in group:
-            return False
+            return
         group.remove(request)
         self._rows[request.key] -= request.rows
         if not group:
@@ -69,7 +69,6 @@ class RequestQueue:
             del self._rows[request.key]
         self.pending -= 1
         request.state = "done"
-        return True
 
     def waiting(self) -> Iterator[QueuedRequest]:
         """Every queued request (a copy: removing while iterating is fine)."""
