@@ -182,6 +182,19 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         "grpc-tokens",
     ]
     assert data["offline"]["sorted_sentences_per_s"] > 0
+    # The sorted figure is measured at the start and again after each protocol; each
+    # protocol's levels are shares of the mean of the two around them.
+    checkpoints = data["offline"]["sorted_sentences_per_s_checkpoints"]
+    assert len(checkpoints) == 1 + len(PROTOCOLS) and all(c > 0 for c in checkpoints)
+    assert checkpoints[0] == data["offline"]["sorted_sentences_per_s"]
+    for i, proto in enumerate(data["protocols"]):
+        assert proto["offline_sorted_before_after"] == checkpoints[i : i + 2]
+        reference = sum(checkpoints[i : i + 2]) / 2
+        for level in proto["levels"]:
+            assert level["of_offline_sorted"] == pytest.approx(level["requests_per_s"] / reference)
+            assert level["of_offline_sorted_at_start"] == pytest.approx(
+                level["requests_per_s"] / checkpoints[0]
+            )
     assert set(data["offline"]["arrival_sentences_per_s"]) == {1, 4}
     for proto in data["protocols"]:
         for level in proto["levels"]:
@@ -222,7 +235,8 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     import asyncio
 
     from trtpipe.bench import served_text
-    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
+    from trtpipe.bench.served_offline import offline_figures
+    from trtpipe.bench.served_text import ServedTextConfig, _protocol
 
     texts = TEXTS[:3]
     config = ServedTextConfig(

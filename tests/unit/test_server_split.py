@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trtpipe.bench.served_text import Offline, served_text_table
+from trtpipe.bench.served_offline import Offline
+from trtpipe.bench.served_text import _judged, served_text_table
 from trtpipe.bench.server_readings import cpu_split, server_split
 
 
@@ -80,6 +81,37 @@ def test_offline_time_per_sentence_counts_its_threads():
         {"model": "m", "texts": 1, "mean_tokens": 1.0, "protocols": [], "offline": gpu}
     )
     assert "ms per sentence" not in text
+
+
+def test_a_protocol_is_judged_against_the_offline_figures_around_it():
+    """The machine slowed from 300 to 200 sentences/s while the protocol ran: its levels are
+    shares of 250/s, not of the 300/s measured at the start."""
+    levels = [
+        {"concurrency": 16, "requests_per_s": 200.0, "of_offline_sorted_at_start": 200 / 300},
+        {"concurrency": 64, "requests_per_s": 225.0, "of_offline_sorted_at_start": 225 / 300},
+    ]
+    result = _judged({"protocol": "openai", "levels": levels}, before=300.0, after=200.0)
+    assert result["offline_sorted_before_after"] == [300.0, 200.0]
+    assert [lv["of_offline_sorted"] for lv in levels] == pytest.approx([0.8, 0.9])
+    assert levels[0]["of_offline_sorted_at_start"] == pytest.approx(2 / 3)  # kept beside it
+    for level in levels:
+        level.update(latency_ms={"p50_ms": 1.0, "p99_ms": 2.0}, wrong_replies=0, errors=0)
+        level.update(of_offline_arrival=None, client_cpu_share=0.02, server={})
+    offline = {
+        "precision": "int8",
+        "sorted_sentences_per_s": 300.0,
+        "sorted_sentences_per_s_checkpoints": [300.0, 200.0],
+        "direct_batch1_p50_ms": 1.0,
+    }
+    text = served_text_table(
+        {"model": "m", "texts": 1, "mean_tokens": 1.0, "protocols": [result], "offline": offline}
+    )
+    assert "sorted 300.0/s at the start, then 200.0 after each protocol" in text
+    assert "of the mean of the offline sorted figures measured just before and after" in text
+    assert [line.split()[3] for line in text.splitlines() if line.startswith("openai")] == [
+        "80%",
+        "90%",
+    ]
 
 
 def test_one_worker_and_missing_documents():

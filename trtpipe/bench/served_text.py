@@ -5,29 +5,30 @@ Per protocol (OpenAI ``/v1/embeddings``, v2 ``text`` input and v2 token-id tenso
 same two over gRPC) and concurrency level, N closed-loop clients send one sentence each, in
 corpus order. Each reply's sentence embedding is checked against the engine's own batch-1
 result for that sentence. Offline references, measured in the bench process while the server
-is idle: the engine's sorted real-text throughput (whole corpus sorted by length) and an
+is idle (:mod:`trtpipe.bench.served_offline`): the engine's sorted real-text throughput (whole
+corpus sorted by length), measured at the start and again after each protocol, and an
 arrival-order figure (the corpus in order, batches of the concurrency, padded to their longest:
-all a server can do with what has arrived). The client's own CPU use is reported beside each
-level: on a 2-core machine the load generator competes with the server.
+all a server can do with what has arrived). A protocol's levels are judged against the mean of
+the sorted figures just before and after them, so that a machine whose speed drifts charges
+both sides alike. The client's own CPU use is reported beside each level: on a 2-core machine
+the load generator competes with the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from trtpipe.bench.common import timed
 from trtpipe.bench.served_clients import CLIENTS, Client, client_for, http_url
+from trtpipe.bench.served_offline import Offline, direct_batch1, offline_engine
 from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
@@ -55,113 +56,6 @@ class ServedTextConfig:
     # Sentences each c1 overhead run sends and calls directly, in alternating blocks.
     c1_direct_texts: int = 300
     c1_block: int = 100
-
-
-@dataclass
-class Offline:
-    """The engine called directly on the same sentences."""
-
-    vectors: np.ndarray  # batch-1 sentence embedding per text, the reply check's reference
-    direct_p50_ms: float
-    sorted_per_s: float
-    arrival_per_s: dict[int, float]
-    ids: list[list[int]]
-    precision: str
-    inputs: list[str]
-    pad_id: int = 0
-    threads: int = 0  # the intra-op threads of the offline runs on a CPU (0: a GPU ran them)
-
-    @property
-    def sorted_ms_per_sentence(self) -> float | None:
-        """The sorted CPU run's thread time per sentence, comparable to a served level's
-        ``engine_ms_per_request`` (one-thread workers, summed over workers); None on a GPU."""
-        if not self.threads or not self.sorted_per_s:
-            return None
-        return self.threads * 1000.0 / self.sorted_per_s
-
-
-def offline_figures(config: ServedTextConfig) -> Offline:
-    """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
-    from trtpipe.bench.common import default_device, engine_runner
-    from trtpipe.bench.text import pad_batch, plan_batches
-    from trtpipe.engine import EngineDir
-    from trtpipe.server.text_input import POOLED_OUTPUT
-    from trtpipe.text import load_tokenizer
-
-    engine = EngineDir(config.engine_dir)
-    manifest = engine.manifest
-    if POOLED_OUTPUT not in {s.name for s in manifest.outputs}:
-        raise InputError(
-            f"the served real-text bench checks {POOLED_OUTPUT!r}; {engine.path} has outputs "
-            f"{[s.name for s in manifest.outputs]}"
-        )
-    tokenizer = load_tokenizer(str(engine.path))
-    max_len = min(r.max[1] for r in manifest.profile.values() if len(r.max) == 2)
-    ids = tokenizer(config.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
-    lengths = np.array([len(t) for t in ids])
-    pad_id = tokenizer.pad_token_id or 0
-    threads, device = config.threads or cpu_cores(), default_device(manifest)
-    runner = engine_runner(engine, device, threads)
-    max_batch = manifest.max_batch_size
-    with runner:
-
-        def run(rows: np.ndarray) -> dict[str, np.ndarray]:
-            return runner.infer(pad_batch(ids, rows, manifest.inputs, pad_id))
-
-        vectors = np.stack([run(np.array([i]))[POOLED_OUTPUT][0] for i in range(len(ids))])
-        single = _batch1_seconds(run, range(min(len(ids), 200)))
-
-        def timed_pass(batches: list[np.ndarray]) -> float:
-            start = time.perf_counter()
-            for rows in batches:
-                run(rows)
-            return len(ids) / (time.perf_counter() - start)
-
-        sorted_batches = plan_batches(lengths, max_batch)
-        timed_pass(sorted_batches)  # warm-up
-        sorted_rate = median([timed_pass(sorted_batches) for _ in range(config.offline_runs)])
-        arrival: dict[int, float] = {}
-        for level in config.concurrency:
-            size = min(level, max_batch)
-            batches = [np.arange(s, min(s + size, len(ids))) for s in range(0, len(ids), size)]
-            arrival[level] = median([timed_pass(batches) for _ in range(config.offline_runs)])
-    return Offline(
-        vectors=vectors.astype(np.float32),
-        direct_p50_ms=LatencyStats.from_seconds(single).p50_ms,
-        sorted_per_s=sorted_rate,
-        arrival_per_s=arrival,
-        ids=[list(t) for t in ids],
-        precision=manifest.precision,
-        inputs=[s.name for s in manifest.inputs],
-        pad_id=pad_id,
-        threads=0 if device.is_gpu else threads,
-    )
-
-
-def _batch1_seconds(run: Any, indices: Any) -> list[float]:
-    return [timed(partial(run, np.array([i])))[0] for i in indices]
-
-
-@contextlib.contextmanager
-def direct_batch1(
-    config: ServedTextConfig, offline: Offline, threads: int
-) -> Iterator[Callable[[list[int]], list[float]]]:
-    """The engine loaded once for a c1 level's overhead runs, with the intra-op threads of one
-    server worker: yields ``seconds(indices)``, the direct batch-1 call's time for each of
-    those sentences."""
-    from trtpipe.bench.common import default_device, engine_runner
-    from trtpipe.bench.text import pad_batch
-    from trtpipe.engine import EngineDir
-
-    engine = EngineDir(config.engine_dir)
-    manifest = engine.manifest
-    runner = engine_runner(engine, default_device(manifest), threads)
-    with runner:
-
-        def run(rows: np.ndarray) -> dict[str, np.ndarray]:
-            return runner.infer(pad_batch(offline.ids, rows, manifest.inputs, offline.pad_id))
-
-        yield partial(_batch1_seconds, run)
 
 
 def _worker_threads(stats: dict[str, Any]) -> int | None:
@@ -230,7 +124,7 @@ async def _level(
         "wrong_replies": len(wrong),
         "requests_per_s": rate,
         "latency_ms": LatencyStats.from_seconds(latencies).to_dict(),
-        "of_offline_sorted": ratio(rate, offline.sorted_per_s),
+        "of_offline_sorted_at_start": ratio(rate, offline.sorted_per_s),
         "of_offline_arrival": ratio(rate, offline.arrival_per_s.get(concurrency, 0.0)),
         "client_cpu_share": client_cpu / (os.cpu_count() or 1),
         "texts": len(texts),
@@ -347,12 +241,12 @@ async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -
                 level = await _level(client, config, offline, concurrency)
             levels.append(level)
             log.info(
-                "%s c%d: %.1f req/s (%.0f%% of offline), wrong %d, client CPU %.0f%%, "
+                "%s c%d: %.1f req/s (%.0f%% of offline at the start), wrong %d, client CPU %.0f%%, "
                 "event loop %s us/request",
                 protocol,
                 concurrency,
                 level["requests_per_s"],
-                100 * (level["of_offline_sorted"] or 0),
+                100 * (level["of_offline_sorted_at_start"] or 0),
                 level["wrong_replies"],
                 100 * level["client_cpu_share"],
                 _micros(level["server"].get("loop_cpu_us_per_request")),
@@ -377,9 +271,13 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
     from trtpipe.server.loop import run as run_loop
 
     run_loop(_ensure_ready(config))  # before a minute of offline figures
-    offline = offline_figures(config)
-
-    protocols = [run_loop(_protocol(p, config, offline)) for p in config.protocols]
+    protocols = []
+    with offline_engine(config) as (offline, sorted_rate):
+        checkpoints = [offline.sorted_per_s]
+        for protocol in config.protocols:
+            result = run_loop(_protocol(protocol, config, offline))
+            checkpoints.append(sorted_rate())
+            protocols.append(_judged(result, checkpoints[-2], checkpoints[-1]))
     return {
         "kind": "served_text",
         "machine": machine_info(),
@@ -390,6 +288,7 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
             "mean_tokens": float(np.mean([len(t) for t in offline.ids])),
             "offline": {
                 "sorted_sentences_per_s": offline.sorted_per_s,
+                "sorted_sentences_per_s_checkpoints": checkpoints,
                 "threads": offline.threads,
                 "sorted_ms_per_sentence": offline.sorted_ms_per_sentence,
                 "arrival_sentences_per_s": offline.arrival_per_s,
@@ -401,13 +300,25 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
     }
 
 
+def _judged(result: dict[str, Any], before: float, after: float) -> dict[str, Any]:
+    """A protocol's levels as shares of the offline sorted figure of the minutes they ran in:
+    the mean of those measured just before and after them."""
+    reference = (before + after) / 2
+    result["offline_sorted_before_after"] = [before, after]
+    for level in result["levels"]:
+        level["of_offline_sorted"] = ratio(level["requests_per_s"], reference)
+    return result
+
+
 def served_text_table(data: dict[str, Any]) -> str:
     offline = data["offline"]
     lines = [
         f"served real text: {data['model']} ({offline['precision']}), {data['texts']} sentences, "
         f"mean {data['mean_tokens']:.1f} tokens",
-        f"offline, same engine and sentences: sorted {offline['sorted_sentences_per_s']:.1f}/s, "
-        f"batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms" + _sorted_cost(offline),
+        f"offline, same engine and sentences: sorted {offline['sorted_sentences_per_s']:.1f}/s"
+        + _after_each_protocol(offline)
+        + f", batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms"
+        + _sorted_cost(offline),
         f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10} "
         f"{'avg batch':>9} {'padding':>7} {'engine busy':>11} {'srv us/req':>10} "
@@ -454,6 +365,11 @@ def served_text_table(data: dict[str, Any]) -> str:
             "engine busy: the share of the wall time a worker's engine ran, the mean over the "
             f"model's {'/'.join(str(n) for n in sorted(workers))} worker(s)"
         )
+    if "sorted_sentences_per_s_checkpoints" in offline:
+        lines.append(
+            "% sorted: of the mean of the offline sorted figures measured just before and after "
+            "the protocol's levels"
+        )
     lines.append(
         "srv / loop us/req: the server's CPU per answered request, all of it (engine included) "
         "and its event loop thread's alone (the front end's Python), from its /metrics"
@@ -475,6 +391,14 @@ def _micros(value: float | None) -> str:
 
 def _millis(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _after_each_protocol(offline: dict[str, Any]) -> str:
+    """The sorted figures measured again after each protocol (absent from older JSON files)."""
+    later = offline.get("sorted_sentences_per_s_checkpoints", [])[1:]
+    if not later:
+        return ""
+    return " at the start, then " + " / ".join(f"{v:.1f}" for v in later) + " after each protocol"
 
 
 def _sorted_cost(offline: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ workers need one session, not N: the weights are held once (fp32 MiniLM, two wor
 615). One-thread workers serve a loaded server best (no intra-op barriers to stall when the
 front end takes a core) but leave a lone request on one core; so a second, wide session with
 all the cores runs any launch that starts while no other worker is running. Served fp32
-MiniLM, same run (docs/performance.md): one all-core worker c1 p50 3.8 ms, c64 325 req/s;
+MiniLM, same run (docs/performance-log.md): one all-core worker c1 p50 3.8 ms, c64 325 req/s;
 one-thread workers 5.4 ms, 348/s; shared one-thread workers with the wide session 3.9 ms, 357/s.
 """
 

@@ -3,7 +3,7 @@
 grpc.aio's server costs about 215 us of CPU per unary call on the machine this project is
 measured on, and a c1 round trip of about 640 us before any model work; the same call answered
 here costs about 70 us and 385 us (``scripts/grpc_aio_floor.py --server grpcio|uvicorn``,
-docs/performance.md). On two cores shared with the engine that difference was most of gRPC's
+docs/performance-log.md). On two cores shared with the engine that difference was most of gRPC's
 shortfall against HTTP.
 
 The servicer is the same :class:`~trtpipe.server.grpc.InferenceServicer` grpc.aio runs: this
