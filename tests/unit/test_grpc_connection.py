@@ -1,7 +1,7 @@
 """The gRPC HTTP/2 connection retires itself with a graceful GOAWAY before zttp's lifetime
 budgets (4,096 streams, 256 peer resets) end it with ENHANCE_YOUR_CALM, and keeps serving the
-calls a client sent before it saw the GOAWAY. Driven by zttp's own client over an in-memory
-transport."""
+calls a client sent before it saw the GOAWAY; a reply's frames leave in one write. Driven by
+zttp's own client over an in-memory transport."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from trtpipe.server.grpc_connection import (  # noqa: E402
     LAST_STREAM_ID,
     ROTATE_AFTER_RESETS,
     ROTATE_AFTER_STREAMS,
+    CoalescingTransport,
     GrpcH2Protocol,
 )
 
@@ -47,10 +48,12 @@ class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
+        self.chunks: list[bytes] = []  # every write, as it came
         self.closed = False
 
     def write(self, data: Any) -> None:
         self.written += data
+        self.chunks.append(bytes(data))
 
     def is_closing(self) -> bool:
         return self.closed
@@ -136,3 +139,50 @@ def test_a_connection_retires_gracefully_before_its_budget(reset: bool, budget: 
     assert all(g.error_code == 0 for g in peer.goaways)  # never ENHANCE_YOUR_CALM (11)
     if not reset:
         assert peer.answered == budget + 5
+
+
+def frames(chunk: bytes) -> list[tuple[int, int]]:
+    """(type, stream id) of each HTTP/2 frame in one write (9-byte frame headers)."""
+    found, at = [], 0
+    while at + 9 <= len(chunk):
+        length = int.from_bytes(chunk[at : at + 3], "big")
+        stream = int.from_bytes(chunk[at + 5 : at + 9], "big") & 0x7FFFFFFF
+        found.append((chunk[at + 3], stream))
+        at += 9 + length
+    return found
+
+
+def test_a_reply_leaves_in_one_write() -> None:
+    """HEADERS, DATA and the trailers (a second HEADERS) of the call on stream 1 are written to
+    the socket together, not in three system calls."""
+
+    async def run() -> Peer:
+        peer = Peer()
+        await peer.settle()
+        await peer.call()
+        return peer
+
+    peer = asyncio.run(run())
+    assert peer.answered == 1
+    replies = [f for f in map(frames, peer.transport.chunks) if any(s == 1 for _, s in f)]
+    assert [[kind for kind, stream in f if stream == 1] for f in replies] == [[1, 0, 1]]
+
+
+def test_coalescing_transport_writes_once_a_turn_and_flushes_on_close() -> None:
+    async def run() -> Transport:
+        inner = Transport()
+        transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        transport.write(b"a")
+        transport.write(b"")
+        transport.write(b"bc")
+        assert inner.chunks == []  # nothing leaves within the turn that wrote it
+        await asyncio.sleep(0)
+        assert inner.chunks == [b"abc"]
+        transport.write(b"d")
+        transport.close()  # what is pending leaves before the close
+        assert inner.chunks == [b"abc", b"d"] and inner.closed
+        # everything else is the wrapped transport's own
+        assert transport.get_extra_info("peername") == ("127.0.0.1", 8001)
+        return inner
+
+    asyncio.run(run())

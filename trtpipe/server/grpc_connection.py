@@ -17,6 +17,7 @@ server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -38,14 +39,56 @@ NO_ERROR = 0
 RETIRE_GRACE_S = 5.0
 
 
+class CoalescingTransport:
+    """A transport whose writes within one turn of the event loop leave in a single ``write``
+    at the start of the next turn.
+
+    A gRPC reply is three frames, and uvicorn writes each one as it is made: three system calls
+    where one does, each a loopback delivery on the server's loop thread. Everything else is the
+    wrapped transport's own; ``close`` sends what is pending first.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GrpcH2Protocol(ZttpH2Protocol):
-    """One HTTP/2 connection: counts streams and peer resets, and retires itself gracefully."""
+    """One HTTP/2 connection: counts streams and peer resets, retires itself gracefully, and
+    writes what one turn of the loop made in one system call."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.streams_opened = 0
         self.peer_resets = 0
         self.retiring = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # flow control stays on the socket's own transport
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
 
     def handle_request(self, event: Any) -> None:
         self.streams_opened += 1
