@@ -235,8 +235,7 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     import asyncio
 
     from trtpipe.bench import served_text
-    from trtpipe.bench.served_offline import offline_figures
-    from trtpipe.bench.served_text import ServedTextConfig, _protocol
+    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
 
     texts = TEXTS[:3]
     config = ServedTextConfig(

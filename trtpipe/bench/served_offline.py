@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +25,6 @@ from trtpipe.bench.common import SETTLE_S, timed
 from trtpipe.bench.stats import LatencyStats, median
 from trtpipe.devices import cpu_cores
 from trtpipe.errors import InputError
-
-if TYPE_CHECKING:
-    from trtpipe.bench.served_text import ServedTextConfig
 
 
 @dataclass
@@ -53,17 +51,20 @@ class Offline:
 
 
 @contextlib.contextmanager
-def offline_engine(config: ServedTextConfig) -> Iterator[tuple[Offline, Callable[[], float]]]:
-    """The engine loaded once for the command: yields its offline figures and
+def offline_engine(
+    engine_dir: Path, texts: list[str], concurrency: list[int], threads: int | None, runs: int
+) -> Iterator[tuple[Offline, Callable[[], float]]]:
+    """The engine loaded once for the command: yields its offline figures on ``texts`` and
     ``sorted_rate()``, which measures the sorted real-text throughput again (the median of
-    ``config.offline_runs`` passes over every sentence)."""
+    ``runs`` passes over every sentence). ``threads``: intra-op threads (None: every core);
+    ``concurrency``: the levels whose arrival-order figures to measure."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch, plan_batches
     from trtpipe.engine import EngineDir
     from trtpipe.server.text_input import POOLED_OUTPUT
     from trtpipe.text import load_tokenizer
 
-    engine = EngineDir(config.engine_dir)
+    engine = EngineDir(engine_dir)
     manifest = engine.manifest
     if POOLED_OUTPUT not in {s.name for s in manifest.outputs}:
         raise InputError(
@@ -72,10 +73,10 @@ def offline_engine(config: ServedTextConfig) -> Iterator[tuple[Offline, Callable
         )
     tokenizer = load_tokenizer(str(engine.path))
     max_len = min(r.max[1] for r in manifest.profile.values() if len(r.max) == 2)
-    ids = tokenizer(config.texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
+    ids = tokenizer(texts, truncation=True, max_length=max_len, padding=False)["input_ids"]
     lengths = np.array([len(t) for t in ids])
     pad_id = tokenizer.pad_token_id or 0
-    threads, device = config.threads or cpu_cores(), default_device(manifest)
+    threads, device = threads or cpu_cores(), default_device(manifest)
     runner = engine_runner(engine, device, threads)
     max_batch = manifest.max_batch_size
     with runner:
@@ -90,7 +91,7 @@ def offline_engine(config: ServedTextConfig) -> Iterator[tuple[Offline, Callable
             return len(ids) / (time.perf_counter() - start)
 
         def rate(batches: list[np.ndarray]) -> float:
-            figure = median([timed_pass(batches) for _ in range(config.offline_runs)])
+            figure = median([timed_pass(batches) for _ in range(runs)])
             time.sleep(SETTLE_S)  # the engine's spinning threads idle before the server's turn
             return figure
 
@@ -100,7 +101,7 @@ def offline_engine(config: ServedTextConfig) -> Iterator[tuple[Offline, Callable
         timed_pass(sorted_batches)  # warm-up
         sorted_rate = rate(sorted_batches)
         arrival: dict[int, float] = {}
-        for level in config.concurrency:
+        for level in concurrency:
             size = min(level, max_batch)
             arrival[level] = rate(
                 [np.arange(s, min(s + size, len(ids))) for s in range(0, len(ids), size)]
@@ -119,19 +120,13 @@ def offline_engine(config: ServedTextConfig) -> Iterator[tuple[Offline, Callable
         yield offline, partial(rate, sorted_batches)
 
 
-def offline_figures(config: ServedTextConfig) -> Offline:
-    """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
-    with offline_engine(config) as (offline, _):
-        return offline
-
-
 def _batch1_seconds(run: Any, indices: Any) -> list[float]:
     return [timed(partial(run, np.array([i])))[0] for i in indices]
 
 
 @contextlib.contextmanager
 def direct_batch1(
-    config: ServedTextConfig, offline: Offline, threads: int
+    engine_dir: Path, offline: Offline, threads: int
 ) -> Iterator[Callable[[list[int]], list[float]]]:
     """The engine loaded once for a c1 level's overhead runs, with the intra-op threads of one
     server worker: yields ``seconds(indices)``, the direct batch-1 call's time for each of
@@ -140,7 +135,7 @@ def direct_batch1(
     from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir
 
-    engine = EngineDir(config.engine_dir)
+    engine = EngineDir(engine_dir)
     manifest = engine.manifest
     runner = engine_runner(engine, default_device(manifest), threads)
     with runner:

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,21 @@ class ServedTextConfig:
     # Sentences each c1 overhead run sends and calls directly, in alternating blocks.
     c1_direct_texts: int = 300
     c1_block: int = 100
+
+
+def _offline_engine(
+    config: ServedTextConfig,
+) -> AbstractContextManager[tuple[Offline, Callable[[], float]]]:
+    """The engine loaded in this process for the whole command (:func:`offline_engine`)."""
+    return offline_engine(
+        config.engine_dir, config.texts, config.concurrency, config.threads, config.offline_runs
+    )
+
+
+def offline_figures(config: ServedTextConfig) -> Offline:
+    """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
+    with _offline_engine(config) as (offline, _):
+        return offline
 
 
 def _worker_threads(stats: dict[str, Any]) -> int | None:
@@ -146,7 +162,7 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     )
     level = await _level(client, config, offline, 1)
     runs = []
-    with direct_batch1(config, offline, threads) as direct_seconds:
+    with direct_batch1(config.engine_dir, offline, threads) as direct_seconds:
         count, size = len(config.texts), max(1, config.c1_direct_texts)
         await asyncio.to_thread(direct_seconds, list(range(min(count, 10))))  # warm-up
         for run in range(config.c1_runs):
@@ -272,7 +288,7 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
 
     run_loop(_ensure_ready(config))  # before a minute of offline figures
     protocols = []
-    with offline_engine(config) as (offline, sorted_rate):
+    with _offline_engine(config) as (offline, sorted_rate):
         checkpoints = [offline.sorted_per_s]
         for protocol in config.protocols:
             result = run_loop(_protocol(protocol, config, offline))
