@@ -8,8 +8,13 @@ alone: the rate a deployment whose engine is much faster than the front end (a G
 
 HTTP protocols need `wrk` (Debian: apt-get install wrk); `grpc-tokens` needs `h2load`
 (Debian: apt-get install nghttp2-client), which speaks HTTP/2 and so sends gRPC's framed
-ModelInfer requests itself. Prints req/s per protocol and writes JSON with --json. Python
-clients cannot drive these rates on 2 cores; wrk and h2load can, from one thread.
+ModelInfer requests itself. Prints req/s and the p50 time to a reply per protocol and writes
+JSON with --json. Python clients cannot drive these rates on 2 cores; wrk and h2load can, from
+one thread.
+
+With ``--connections 1`` the p50 is what the front end adds to each lone request: on a GPU,
+whose batch-1 launch leaves the CPU to the front end, a c1 request takes about that plus the
+engine's own batch-1 time.
 
 h2load sees HTTP status only, and gRPC carries its errors in trailers under HTTP 200, so the
 gRPC row also counts the server's own success and failure counters (/metrics) over the run:
@@ -24,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,7 +73,10 @@ HEX_EXTRA = """local header_length, hex = body:match("^(%d+) (.*)$")
   body = (hex:gsub("..", function(cc) return string.char(tonumber(cc, 16)) end))"""
 
 
-def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, str, str, str]]:
+def write_bodies(
+    work: Path, engine: Path, model: str, sentences: list[str] = SENTENCES
+) -> dict[str, tuple[Path, str, str, str]]:
+    """One request body per sentence and protocol, for wrk to cycle through in order."""
     from trtpipe.bench.served_clients import binary_token_body, token_arrays
     from trtpipe.engine import EngineDir
     from trtpipe.text import load_tokenizer
@@ -81,7 +90,7 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
         path.write_text(
             "\n".join(
                 json.dumps({"model": model, "input": s, "encoding_format": encoding})
-                for s in SENTENCES
+                for s in sentences
             )
             + "\n"
         )
@@ -95,14 +104,14 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
                     "outputs": [{"name": "sentence_embedding"}],
                 }
             )
-            for s in SENTENCES
+            for s in sentences
         )
         + "\n"
     )
     files["v2-text"] = (v2_text, f"/v2/models/{model}/infer", "application/json", "")
     v2_binary = work / "v2_binary.txt"
     lines = []
-    for ids in tokenizer(SENTENCES)["input_ids"]:
+    for ids in tokenizer(sentences)["input_ids"]:
         body, length = binary_token_body(token_arrays(ids, inputs))
         lines.append(f"{length} {body.hex()}")
     v2_binary.write_text("\n".join(lines) + "\n")
@@ -115,10 +124,17 @@ def write_bodies(work: Path, engine: Path, model: str) -> dict[str, tuple[Path, 
     return files
 
 
-def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
+def grpc_sentence(engine: Path, sentences: list[str]) -> int:
+    """h2load repeats one body, so the gRPC row sends the sentence of median token length."""
+    from trtpipe.text import load_tokenizer
+
+    lengths = [len(ids) for ids in load_tokenizer(str(engine))(sentences)["input_ids"]]
+    return sorted(range(len(sentences)), key=lengths.__getitem__)[len(sentences) // 2]
+
+
+def write_grpc_body(work: Path, engine: Path, model: str, sentences: list[str] = SENTENCES) -> Path:
     """One gRPC-framed ModelInfer request (token tensors of one sentence, raw contents as
-    tritonclient sends them). h2load repeats one body, so the gRPC row uses the sentence of
-    median length of SENTENCES."""
+    tritonclient sends them): the sentence :func:`grpc_sentence` picks."""
     from tritonclient.grpc import service_pb2
 
     from trtpipe.bench.served_clients import POOLED, token_arrays
@@ -128,7 +144,7 @@ def write_grpc_body(work: Path, engine: Path, model: str) -> Path:
 
     tokenizer = load_tokenizer(str(engine))
     inputs = [s.name for s in EngineDir(engine).manifest.inputs]
-    ids = sorted(tokenizer(SENTENCES)["input_ids"], key=len)[len(SENTENCES) // 2]
+    ids = tokenizer([sentences[grpc_sentence(engine, sentences)]])["input_ids"][0]
     request = service_pb2.ModelInferRequest(model_name=model)
     for name, array in token_arrays(ids, inputs).items():
         request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
@@ -175,22 +191,26 @@ def h2load(
             "client to a new connection and h2load does not follow: raise --connections"
         )
     success0, failure0 = counters() if counters else (0.0, 0.0)
-    out, server_cpu, main_cpu = run_load(
-        [
-            "h2load",
-            f"-c{connections}",
-            "-m1",
-            f"-n{requests}",
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-d",
-            str(body),
-            grpc_url + "/inference.GRPCInferenceService/ModelInfer",
-        ],
-        pid,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "requests.tsv"
+        out, server_cpu, main_cpu = run_load(
+            [
+                "h2load",
+                f"-c{connections}",
+                "-m1",
+                f"-n{requests}",
+                f"--log-file={log}",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-d",
+                str(body),
+                grpc_url + "/inference.GRPCInferenceService/ModelInfer",
+            ],
+            pid,
+        )
+        p50 = h2load_p50_ms(log.read_text())
     success1, failure1 = counters() if counters else (0.0, 0.0)
     rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
     done = int(re.search(r"(\d+) done", out).group(1))  # type: ignore[union-attr]
@@ -203,10 +223,18 @@ def h2load(
         "non_2xx": float(requests - succeeded),
         "socket_errors": "",  # type: ignore[dict-item]
         "mean_ms": float(mean.group(1)) * MS_PER_UNIT[mean.group(2)] if mean else float("nan"),
+        "p50_ms": p50,
         "completed": float(done),
         "grpc_successes": success1 - success0,
         "grpc_failures": failure1 - failure0,
     }
+
+
+def h2load_p50_ms(log: str) -> float:
+    """The median time to a complete reply, in ms, from h2load's ``--log-file`` (one row per
+    request: start in us since the epoch, HTTP status, us to the end of the reply)."""
+    elapsed = [int(row.split("\t")[2]) for row in log.splitlines() if row.strip()]
+    return statistics.median(elapsed) / 1000.0 if elapsed else float("nan")
 
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
@@ -287,19 +315,12 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     protocols = args.protocols.split(",")
-    needed = {"h2load" if p.startswith("grpc") else "wrk" for p in protocols}
-    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
-        if tool in needed and shutil.which(tool) is None:
-            print(f"error: {tool} is not installed (apt-get install {package})", file=sys.stderr)
-            return 2
+    missing = missing_tools(protocols)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     model = "m"
-    trtpipe = str(Path(sys.executable).parent / "trtpipe")
-    command = [trtpipe, "serve", "--name", f"{model}={args.engine}"]
-    command += ["--http-port", str(args.port), "--grpc-port", str(args.port + 1)]
-    command += ["--grpc-server", args.grpc_server]
-    if not args.real_engine:
-        command.append("--null-runner")
-    # The server's log goes to a file: a pipe nobody reads would stall a chatty server.
+    command = serve_command(args.engine, model, args.port, not args.real_engine, args.grpc_server)
     with tempfile.TemporaryFile(mode="w+") as server_log:
         results = measure(args, protocols, command, model, server_log)
     if isinstance(results, int):
@@ -307,6 +328,26 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def missing_tools(protocols: list[str]) -> str:
+    """Which load generator the protocols need and this machine lacks ('' when none)."""
+    needed = {"h2load" if p.startswith("grpc") else "wrk" for p in protocols}
+    for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
+        if tool in needed and shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {package})"
+    return ""
+
+
+def serve_command(
+    engine: Path, model: str, port: int, null_runner: bool, grpc_server: str = "auto"
+) -> list[str]:
+    """``trtpipe serve`` of one engine as ``model``, HTTP on ``port`` and gRPC on the next."""
+    trtpipe = str(Path(sys.executable).parent / "trtpipe")
+    command = [trtpipe, "serve", "--name", f"{model}={engine}"]
+    command += ["--http-port", str(port), "--grpc-port", str(port + 1)]
+    command += ["--grpc-server", grpc_server]
+    return command + (["--null-runner"] if null_runner else [])
 
 
 def measure(
@@ -318,28 +359,14 @@ def measure(
 ) -> dict[str, dict[str, float]] | int:
     """Start the server (its log to ``server_log``), drive each protocol; the results, or an
     exit code when the server never became ready."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    server = subprocess.Popen(command, env=env, stderr=server_log, text=True)
+    server = start_server(command, server_log)
     results: dict[str, dict[str, float]] = {}
     try:
         url = f"http://127.0.0.1:{args.port}"
         grpc_url = f"http://127.0.0.1:{args.port + 1}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if server.poll() is not None:  # a bad engine dir, a port in use: it says why
-                server_log.seek(0)
-                lines = server_log.read().strip().splitlines() or ["(no output)"]
-                print(f"error: the server exited: {lines[-1]}", file=sys.stderr)
-                return 2
-            try:
-                with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            print("error: the server did not become ready", file=sys.stderr)
-            return 1
+        failed = wait_ready(server, url, server_log)
+        if failed:
+            return failed
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             files = write_bodies(work, args.engine, model)
@@ -351,11 +378,7 @@ def measure(
                         args, work, files[protocol], protocol, url, server.pid
                     )
                 result = results[protocol]
-                latency = (
-                    f"mean {result['mean_ms']:.2f} ms"
-                    if "mean_ms" in result
-                    else f"p50 {result['p50_ms']:.2f} ms"
-                )
+                latency = f"p50 {result['p50_ms']:.2f} ms"
                 grpc_check = (
                     f", h2load completed {result['completed']:.0f}, server counted "
                     f"{result['grpc_successes']:.0f} ok {result['grpc_failures']:.0f} failed"
@@ -369,10 +392,40 @@ def measure(
                     f"non-2xx {result['non_2xx']:.0f}{grpc_check} {result['socket_errors']}"
                 )
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+        stop_server(server)
     return results
+
+
+def start_server(command: list[str], server_log: Any) -> subprocess.Popen[str]:
+    """``trtpipe serve ...`` with its log to ``server_log`` (a pipe nobody reads would stall
+    a chatty server)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen(command, env=env, stderr=server_log, text=True)
+
+
+def wait_ready(server: subprocess.Popen[str], url: str, server_log: Any) -> int:
+    """0 once the server says ready; else an exit code, with the reason printed."""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if server.poll() is not None:  # a bad engine dir, a port in use: it says why
+            server_log.seek(0)
+            lines = server_log.read().strip().splitlines() or ["(no output)"]
+            print(f"error: the server exited: {lines[-1]}", file=sys.stderr)
+            return 2
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return 0
+        except OSError:
+            time.sleep(0.5)
+    print("error: the server did not become ready", file=sys.stderr)
+    return 1
+
+
+def stop_server(server: subprocess.Popen[str]) -> None:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
 
 
 def run_http(
@@ -384,13 +437,19 @@ def run_http(
     pid: int,
 ) -> dict[str, float]:
     """wrk with a Lua script that cycles through the protocol's bodies: warm-up, then the run."""
+    script = write_script(work, files, protocol)
+    wrk(url, script, args.connections, 2, args.threads, pid)  # warm-up
+    return wrk(url, script, args.connections, args.seconds, args.threads, pid)
+
+
+def write_script(work: Path, files: tuple[Path, str, str, str], protocol: str) -> Path:
+    """wrk's Lua script that posts the protocol's bodies in turn."""
     bodies, path, content_type, extra = files
     script = work / f"{protocol}.lua"
     script.write_text(
         LUA % {"bodies": bodies, "content_type": content_type, "path": path, "extra": extra}
     )
-    wrk(url, script, args.connections, 2, args.threads, pid)  # warm-up
-    return wrk(url, script, args.connections, args.seconds, args.threads, pid)
+    return script
 
 
 def run_grpc(

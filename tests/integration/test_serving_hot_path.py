@@ -3,6 +3,7 @@ runner, and the served real-text bench (every protocol, every reply checked)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,6 +203,10 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
             assert level["wrong_replies"] == 0 and level["errors"] == 0
             # The server runs in this process here, so the share counts its CPU too.
             assert level["client_cpu_share"] > 0
+            # The same CPU seconds, per answered request: share x cores x elapsed / requests.
+            assert level["client_cpu_us_per_request"] == pytest.approx(
+                level["client_cpu_share"] * (os.cpu_count() or 1) * 1e6 / level["requests_per_s"]
+            )
             assert level["of_offline_sorted"] > 0
             server_side = level["server"]
             assert server_side["workers"] == 1  # the fixture serves on one device
@@ -223,6 +228,7 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         )
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
+    assert table.count("this client's CPU") == len(data["protocols"])
     assert "mean over the model's" in table and "loop us/req" in table
     assert "engine ms/req" in table and "ms per sentence on 1 thread(s)" in table
     assert data["offline"]["sorted_ms_per_sentence"] == pytest.approx(
@@ -261,12 +267,12 @@ def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> Non
     calls of a c1 overhead run read them there."""
     import asyncio
 
-    from trtpipe.bench.served_text import _worker_threads
+    from trtpipe.bench.served_text import lone_launch_threads
     from trtpipe.bench.server_readings import server_stats
     from trtpipe.devices import cpu_cores
 
     stats = asyncio.run(server_stats(f"127.0.0.1:{server.server.http_port}", "minilm"))
     # One CPU worker (devices=1) gets all of the machine's cores.
     assert [d["threads"] for d in stats["devices"]] == [cpu_cores()]
-    assert _worker_threads(stats) == cpu_cores()
-    assert _worker_threads({"devices": [{"device": "cuda:0", "threads": None}]}) is None
+    assert lone_launch_threads(stats) == cpu_cores()
+    assert lone_launch_threads({"devices": [{"device": "cuda:0", "threads": None}]}) is None

@@ -85,3 +85,12 @@ def test_h2load_stays_below_the_calls_a_grpc_connection_serves(ceiling) -> None:
     most = 2 * ceiling.H2LOAD_CALLS_PER_CONNECTION
     with pytest.raises(SystemExit, match="raise --connections"):
         ceiling.h2load("127.0.0.1:1", Path("body"), 2, most + 1, 0)
+
+
+def test_the_grpc_p50_is_the_median_of_h2load_request_log(ceiling) -> None:  # type: ignore[no-untyped-def]
+    """h2load prints only a mean; its --log-file rows (start us, status, us to the reply's end)
+    give the median that the HTTP rows take from wrk."""
+    log = "1733390000000000\t200\t510\n1733390000000600\t200\t430\n1733390000001100\t200\t2900\n"
+    assert ceiling.h2load_p50_ms(log) == pytest.approx(0.51)
+    assert ceiling.h2load_p50_ms(log + "1733390000004100\t200\t470\n") == pytest.approx(0.49)
+    assert np.isnan(ceiling.h2load_p50_ms(""))

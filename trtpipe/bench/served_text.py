@@ -74,7 +74,7 @@ def offline_figures(config: ServedTextConfig) -> Offline:
         return offline
 
 
-def _worker_threads(stats: dict[str, Any]) -> int | None:
+def lone_launch_threads(stats: dict[str, Any]) -> int | None:
     """Intra-op threads a lone launch of the server's first CPU worker runs with, from its
     statistics document (``alone_threads``: workers sharing a wide session run a c1 request
     on all cores; servers before it report only ``threads``)."""
@@ -125,7 +125,8 @@ async def _level(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
-    client_cpu = (time.process_time() - cpu0) / elapsed
+    client_cpu_s = time.process_time() - cpu0
+    client_cpu = client_cpu_s / elapsed
     stats_after, cpu_after = await read_server(config.url, config.model)
     server = server_split(stats_before, stats_after, elapsed)
     server.update(cpu_split(cpu_before, cpu_after, len(latencies)))
@@ -143,6 +144,8 @@ async def _level(
         "of_offline_sorted_at_start": ratio(rate, offline.sorted_per_s),
         "of_offline_arrival": ratio(rate, offline.arrival_per_s.get(concurrency, 0.0)),
         "client_cpu_share": client_cpu / (os.cpu_count() or 1),
+        # At c1 all of it lies on the requests' path or right beside it, on the same cores.
+        "client_cpu_us_per_request": 1e6 * client_cpu_s / len(latencies),
         "texts": len(texts),
         "issued": issued,
         "server": server,
@@ -157,7 +160,7 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     runs' differences of p50."""
     threads = (
         config.threads
-        or _worker_threads(await server_stats(config.url, config.model))
+        or lone_launch_threads(await server_stats(config.url, config.model))
         or cpu_cores()
     )
     level = await _level(client, config, offline, 1)
@@ -369,7 +372,7 @@ def served_text_table(data: dict[str, Any]) -> str:
                     f"{'':<17} c1 p50 overhead over a direct batch-1 call: "
                     f"{level['overhead_p50_ms']:.2f} ms (median of {runs}; direct p50 "
                     f"{direct} ms {when}, {level.get('direct_threads', '?')} "
-                    "thread(s) like one server worker)"
+                    "thread(s) like one server worker)" + _client_cost(level)
                 )
     workers = {
         level.get("server", {}).get("workers")
@@ -395,6 +398,12 @@ def served_text_table(data: dict[str, Any]) -> str:
         "engine per request, summed over workers (beside the offline sorted run's above)"
     )
     return "\n".join(lines)
+
+
+def _client_cost(level: dict[str, Any]) -> str:
+    """The bench's own CPU per request at that level: the overhead counts the client's time."""
+    cost = level.get("client_cpu_us_per_request")
+    return "" if cost is None else f"; this client's CPU {cost:.0f} us per request"
 
 
 def _pct(value: float | None) -> str:
