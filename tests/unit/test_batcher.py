@@ -254,6 +254,35 @@ def test_learnt_launch_cost_keeps_padding_that_costs_more_than_it_saves_out(lear
     assert harness.batcher.launch_costs.launches == 130 + len(harness.launches)
 
 
+def test_a_lone_request_launches_without_fitting_the_launch_cost() -> None:
+    """At concurrency 1 there is nothing to plan, so the loop skips the launch-cost fit; two
+    requests queued together are planned with it."""
+    harness = Harness(max_queue_delay_ms=30, adaptive_delay=False, learn_launch_cost=True)
+    costs = harness.batcher.launch_costs
+    for positions in range(10, 400, 3):
+        costs.record(positions, 0.6e-3 + 80e-6 * positions)
+    fitted = costs.overhead_positions
+    calls: list[float | None] = []
+
+    def counted() -> float | None:
+        calls.append(fitted())
+        return calls[-1]
+
+    costs.overhead_positions = counted  # type: ignore[method-assign]
+
+    async def scenario(batcher: DynamicBatcher) -> None:
+        for seed in range(3):  # one at a time: each launches alone
+            check(feeds := request(seed, 1, 12), await batcher.submit(feeds))
+        assert calls == []
+        pair = [request(7, 1, 12), request(8, 1, 12)]
+        for feeds, out in zip(pair, await asyncio.gather(*map(batcher.submit, pair)), strict=True):
+            check(feeds, out)
+
+    run(harness, scenario)
+    assert len(calls) == 1 and calls[0] is not None and calls[0] > 0  # the pair was planned
+    assert harness.rows_per_launch() == [1, 1, 1, 2]
+
+
 def test_left_padding_cuts_per_token_outputs_from_the_right_place() -> None:
     harness = Harness(
         max_queue_delay_ms=30, adaptive_delay=False, padding_side="left", max_padding_share=0.9

@@ -273,7 +273,8 @@ class DynamicBatcher:
         layout = self._layout
         assert layout is not None
         plan = None
-        if self.config.group_by_length:
+        # A lone queued request (concurrency 1) launches alone: skip fitting the launch cost.
+        if self.config.group_by_length and self._queue.pending > 1:
             config = self.config
             learnt = self.launch_costs.overhead_positions() if config.learn_launch_cost else None
             plan = LengthPlan(
