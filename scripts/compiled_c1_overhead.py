@@ -103,9 +103,9 @@ def main() -> int:
         print("error: each count given must be at least 1", file=sys.stderr)
         return 2
     protocols = args.protocols.split(",")
-    missing = ceiling.missing_tools(protocols)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    reason = ceiling.cannot_run_reason(protocols)
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     sentences = [line for line in CORPUS.read_text().splitlines() if line.strip()]
     sentences = sentences[: args.sentences]

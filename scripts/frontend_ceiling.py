@@ -315,9 +315,9 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     protocols = args.protocols.split(",")
-    missing = missing_tools(protocols)
-    if missing:
-        print(f"error: {missing}", file=sys.stderr)
+    reason = cannot_run_reason(protocols)
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     model = "m"
     command = serve_command(args.engine, model, args.port, not args.real_engine, args.grpc_server)
@@ -330,8 +330,15 @@ def main() -> int:
     return 0
 
 
-def missing_tools(protocols: list[str]) -> str:
-    """Which load generator the protocols need and this machine lacks ('' when none)."""
+PROTOCOLS = ("openai", "openai-float", "v2-text", "v2-binary", "grpc-tokens")
+
+
+def cannot_run_reason(protocols: list[str]) -> str:
+    """What stops a run of these protocols here: an unknown protocol, or a load generator this
+    machine lacks ('' when nothing does)."""
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        return f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}"
     needed = {"h2load" if p.startswith("grpc") else "wrk" for p in protocols}
     for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
         if tool in needed and shutil.which(tool) is None:

@@ -94,3 +94,18 @@ def test_the_grpc_p50_is_the_median_of_h2load_request_log(ceiling) -> None:  # t
     assert ceiling.h2load_p50_ms(log) == pytest.approx(0.51)
     assert ceiling.h2load_p50_ms(log + "1733390000004100\t200\t470\n") == pytest.approx(0.49)
     assert np.isnan(ceiling.h2load_p50_ms(""))
+
+
+def test_an_unknown_protocol_is_named_before_anything_runs(ceiling) -> None:  # type: ignore[no-untyped-def]
+    reason = ceiling.cannot_run_reason(["openai", "v2-json"])
+    assert reason.startswith("unknown protocol(s) ['v2-json']; choose from openai, ")
+    assert "grpc-tokens" in reason
+
+
+def test_the_compiled_c1_script_refuses_an_unknown_protocol(tiny_bert_engine: Path) -> None:
+    done = run_script(
+        "compiled_c1_overhead.py", tiny_bert_engine, "--protocols", "openai,grpc", timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: unknown protocol(s) ['grpc']")
+    assert "Traceback" not in done.stderr and done.stdout == ""
