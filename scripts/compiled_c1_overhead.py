@@ -91,19 +91,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18090, help="HTTP; gRPC listens on the next")
     parser.add_argument("--protocols", default="openai,v2-text,v2-binary,grpc-tokens")
     args = parser.parse_args()
-    from trtpipe.engine import EngineDir
-    from trtpipe.errors import TrtpipeError
-
-    try:
-        EngineDir(args.engine)
-    except TrtpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.sentences < 1 or args.pairs < 1 or args.seconds < 1 or args.direct_calls < 1:
-        print("error: each count given must be at least 1", file=sys.stderr)
-        return 2
     protocols = args.protocols.split(",")
-    reason = ceiling.cannot_run_reason(protocols)
+    reason = ceiling.cannot_run_reason(args.engine, protocols)
+    if min(args.sentences, args.pairs, args.seconds, args.direct_calls) < 1:
+        reason = reason or "each count given must be at least 1"
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2

@@ -306,16 +306,8 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from trtpipe.engine import EngineDir
-    from trtpipe.errors import TrtpipeError
-
-    try:
-        EngineDir(args.engine)
-    except TrtpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     protocols = args.protocols.split(",")
-    reason = cannot_run_reason(protocols)
+    reason = cannot_run_reason(args.engine, protocols)
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
@@ -333,9 +325,16 @@ def main() -> int:
 PROTOCOLS = ("openai", "openai-float", "v2-text", "v2-binary", "grpc-tokens")
 
 
-def cannot_run_reason(protocols: list[str]) -> str:
-    """What stops a run of these protocols here: an unknown protocol, or a load generator this
-    machine lacks ('' when nothing does)."""
+def cannot_run_reason(engine: Path, protocols: list[str]) -> str:
+    """What stops a run here, checked before any server starts: no engine, an unknown
+    protocol, or a load generator this machine lacks ('' when nothing does)."""
+    from trtpipe.engine import EngineDir
+    from trtpipe.errors import TrtpipeError
+
+    try:
+        EngineDir(engine)
+    except TrtpipeError as exc:
+        return str(exc)
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         return f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}"

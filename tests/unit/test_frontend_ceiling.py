@@ -96,8 +96,10 @@ def test_the_grpc_p50_is_the_median_of_h2load_request_log(ceiling) -> None:  # t
     assert np.isnan(ceiling.h2load_p50_ms(""))
 
 
-def test_an_unknown_protocol_is_named_before_anything_runs(ceiling) -> None:  # type: ignore[no-untyped-def]
-    reason = ceiling.cannot_run_reason(["openai", "v2-json"])
+def test_an_unknown_protocol_is_named_before_anything_runs(  # type: ignore[no-untyped-def]
+    ceiling, tiny_bert_engine: Path
+) -> None:
+    reason = ceiling.cannot_run_reason(tiny_bert_engine, ["openai", "v2-json"])
     assert reason.startswith("unknown protocol(s) ['v2-json']; choose from openai, ")
     assert "grpc-tokens" in reason
 
