@@ -29,19 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import frontend_ceiling as ceiling
-import numpy as np
 
 CORPUS = Path(__file__).resolve().parents[1] / "trtpipe" / "data" / "bench_corpus.txt"
 
 
-def direct_p50_ms(run: Any, rows: list[int], calls: int) -> float:
-    """p50 of ``calls`` back-to-back batch-1 calls cycling through ``rows``."""
-    seconds = []
-    for call in range(calls):
-        start = time.perf_counter()
-        run(rows[call % len(rows)])
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1000.0
+def direct_p50_ms(seconds: Any, rows: list[int], calls: int) -> float:
+    """p50 of ``calls`` back-to-back batch-1 calls cycling through ``rows`` (``seconds``: the
+    bench's :func:`~trtpipe.bench.served_offline.direct_batch1`)."""
+    return statistics.median(seconds([rows[call % len(rows)] for call in range(calls)])) * 1e3
 
 
 def served_p50_ms(args: argparse.Namespace, protocol: str, load: dict[str, Any]) -> float:
@@ -123,10 +118,9 @@ def measure(
     url: str,
     pid: int,
 ) -> None:
-    from trtpipe.bench.common import default_device, engine_runner
+    from trtpipe.bench.served_offline import direct_batch1
     from trtpipe.bench.served_text import lone_launch_threads
     from trtpipe.bench.server_readings import server_stats
-    from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir
     from trtpipe.text import load_tokenizer
 
@@ -139,12 +133,8 @@ def measure(
     one = ceiling.grpc_sentence(args.engine, sentences)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        engine_runner(engine, default_device(manifest), threads) as runner,
+        direct_batch1(args.engine, ids, pad_id, threads) as run,
     ):
-
-        def run(row: int) -> Any:
-            return runner.infer(pad_batch(ids, np.array([row]), manifest.inputs, pad_id))
-
         work = Path(tmp)
         files = ceiling.write_bodies(work, args.engine, model, sentences)
         print(

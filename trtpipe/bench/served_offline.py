@@ -126,11 +126,11 @@ def _batch1_seconds(run: Any, indices: Any) -> list[float]:
 
 @contextlib.contextmanager
 def direct_batch1(
-    engine_dir: Path, offline: Offline, threads: int
+    engine_dir: Path, ids: list[list[int]], pad_id: int, threads: int
 ) -> Iterator[Callable[[list[int]], list[float]]]:
     """The engine loaded once for a c1 level's overhead runs, with the intra-op threads of one
     server worker: yields ``seconds(indices)``, the direct batch-1 call's time for each of
-    those sentences."""
+    those sentences (``ids``: every sentence's token ids)."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir
@@ -141,6 +141,6 @@ def direct_batch1(
     with runner:
 
         def run(rows: np.ndarray) -> dict[str, np.ndarray]:
-            return runner.infer(pad_batch(offline.ids, rows, manifest.inputs, offline.pad_id))
+            return runner.infer(pad_batch(ids, rows, manifest.inputs, pad_id))
 
         yield partial(_batch1_seconds, run)

@@ -165,7 +165,7 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     )
     level = await _level(client, config, offline, 1)
     runs = []
-    with direct_batch1(config.engine_dir, offline, threads) as direct_seconds:
+    with direct_batch1(config.engine_dir, offline.ids, offline.pad_id, threads) as direct_seconds:
         count, size = len(config.texts), max(1, config.c1_direct_texts)
         await asyncio.to_thread(direct_seconds, list(range(min(count, 10))))  # warm-up
         for run in range(config.c1_runs):
