@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--protocols", default="openai,v2-text,v2-binary,grpc-tokens")
     args = parser.parse_args()
     protocols = args.protocols.split(",")
-    reason = ceiling.cannot_run_reason(args.engine, protocols)
+    reason = ceiling.cannot_run_reason(args.engine, protocols, args.port)
     if min(args.sentences, args.pairs, args.seconds, args.direct_calls) < 1:
         reason = reason or "each count given must be at least 1"
     if reason:

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -257,8 +258,11 @@ def run_load(command: list[str], pid: int) -> tuple[str, float, float]:
     """Run a load generator; its output, and the server's CPU seconds (all threads, and the
     loop thread alone) spent meanwhile."""
     cpu0, main0 = cpu_seconds(pid), main_thread_seconds(pid)
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return out, cpu_seconds(pid) - cpu0, main_thread_seconds(pid) - main0
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # e.g. the server went away: say so, no traceback
+        said = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+        raise SystemExit(f"error: {command[0]} exited {done.returncode}: {said[-1]}")
+    return done.stdout, cpu_seconds(pid) - cpu0, main_thread_seconds(pid) - main0
 
 
 def wrk(
@@ -307,7 +311,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     protocols = args.protocols.split(",")
-    reason = cannot_run_reason(args.engine, protocols)
+    reason = cannot_run_reason(args.engine, protocols, args.port)
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
@@ -325,9 +329,11 @@ def main() -> int:
 PROTOCOLS = ("openai", "openai-float", "v2-text", "v2-binary", "grpc-tokens")
 
 
-def cannot_run_reason(engine: Path, protocols: list[str]) -> str:
+def cannot_run_reason(engine: Path, protocols: list[str], port: int | None = None) -> str:
     """What stops a run here, checked before any server starts: no engine, an unknown
-    protocol, or a load generator this machine lacks ('' when nothing does)."""
+    protocol, a load generator this machine lacks, or ``port`` (HTTP) or the next (gRPC)
+    already taken ('' when nothing does). A taken port matters most: the readiness check
+    would find the other server and the run would measure it."""
     from trtpipe.engine import EngineDir
     from trtpipe.errors import TrtpipeError
 
@@ -342,7 +348,22 @@ def cannot_run_reason(engine: Path, protocols: list[str]) -> str:
     for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")):
         if tool in needed and shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install {package})"
+    if port is not None:
+        for taken in (port, port + 1):
+            if port_in_use(taken):
+                return f"port {taken} is in use (another server, or one still stopping): use --port"
     return ""
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port`` already (the server binds there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def serve_command(

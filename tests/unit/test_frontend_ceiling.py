@@ -111,3 +111,47 @@ def test_the_compiled_c1_script_refuses_an_unknown_protocol(tiny_bert_engine: Pa
     assert done.returncode == 2
     assert done.stderr.startswith("error: unknown protocol(s) ['grpc']")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_taken_port_is_named_before_a_server_starts(  # type: ignore[no-untyped-def]
+    ceiling, tiny_bert_engine: Path
+) -> None:
+    """Else the readiness check finds the other server and the run measures it."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        reason = ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken - 1)
+        assert reason == (
+            f"port {taken} is in use (another server, or one still stopping): use --port"
+        )
+        assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken)
+    assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken) == ""
+
+
+def test_the_compiled_c1_script_refuses_a_taken_port(tiny_bert_engine: Path) -> None:
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        done = run_script("compiled_c1_overhead.py", tiny_bert_engine, "--port", taken, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: port {taken} is in use")
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_failed_load_generator_is_one_line_not_a_traceback(ceiling) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    with pytest.raises(SystemExit) as stopped:
+        ceiling.run_load(
+            [sys.executable, "-c", "import sys; sys.exit('unable to connect to 127.0.0.1:9')"],
+            os.getpid(),
+        )
+    assert str(stopped.value) == (
+        f"error: {sys.executable} exited 1: unable to connect to 127.0.0.1:9"
+    )
