@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import frontend_ceiling as ceiling
+import served_under_test as served
 
 CORPUS = Path(__file__).resolve().parents[1] / "trtpipe" / "data" / "bench_corpus.txt"
 
@@ -96,17 +97,17 @@ def main() -> int:
     sentences = [line for line in CORPUS.read_text().splitlines() if line.strip()]
     sentences = sentences[: args.sentences]
     model = "m"
-    command = ceiling.serve_command(args.engine, model, args.port, null_runner=False)
+    command = served.serve_command(args.engine, model, args.port, null_runner=False)
     with tempfile.TemporaryFile(mode="w+") as server_log:
-        server = ceiling.start_server(command, server_log)
+        server = served.start_server(command, server_log)
         try:
             url = f"http://127.0.0.1:{args.port}"
-            failed = ceiling.wait_ready(server, url, server_log)
+            failed = served.wait_ready(server, url, server_log)
             if failed:
                 return failed
             measure(args, protocols, sentences, model, url, server.pid)
         finally:
-            ceiling.stop_server(server)
+            served.stop_server(server)
     return 0
 
 
