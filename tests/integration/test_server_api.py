@@ -487,3 +487,26 @@ def test_compressed_request_bodies(http: httpclient.InferenceServerClient, runne
             MODEL, http_inputs(feeds, True), request_compression_algorithm=algorithm
         )
         assert np.array_equal(result.as_numpy("last_hidden_state"), want)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/v2/models/{MODEL}/generate",
+        f"/v2/models/{MODEL}/versions/1/generate_stream",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ],
+)
+def test_a_generation_route_on_a_server_without_a_generation_model_says_why(
+    server: ServerThread, path: str
+) -> None:
+    status, raw = fetch(server, path, b'{"model": "tiny", "prompt": "hi", "text_input": "hi"}')
+    assert status == 404
+    assert json.loads(raw)["error"] == (
+        f"Not Found: POST {path}; this server serves no text-generation model (its models "
+        "['tiny'] take POST /v2/models/NAME/infer); to generate, serve a decoder engine "
+        "(trtpipe export MODEL --task text-generation-with-past, then trtpipe build)"
+    )
+    status, raw = fetch(server, "/v2/models/tiny/generatex", b"{}")
+    assert status == 404 and json.loads(raw)["error"] == "Not Found: POST /v2/models/tiny/generatex"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,10 @@ EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_
 HEADER_LENGTH = "inference-header-content-length"
 OFFLOAD_BYTES = 1 << 20  # decode/encode bodies larger than this off the event loop
 MAX_EMBEDDING_INPUTS = 2048
+# The generation routes, registered only where a generation model can be served.
+GENERATION_PATH = re.compile(
+    r"/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?|/v1/(chat/)?completions"
+)
 
 
 @dataclass
@@ -148,6 +153,8 @@ def create_http_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"{exc.detail}: {request.method} {request.url.path}"
+        if exc.status_code == 404 and GENERATION_PATH.fullmatch(request.url.path):
+            message += no_generation_hint(repository)
         return JSONResponse({"error": message}, status_code=exc.status_code)
 
     @app.exception_handler(TrtpipeError)
@@ -351,6 +358,16 @@ async def embeddings_reply(repository: ModelRepository, read: BodyReader) -> byt
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
     return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def no_generation_hint(repository: ModelRepository) -> str:
+    """Why a generation route is missing: the server was started without a generation model
+    (the routes exist whenever one is served or may be loaded)."""
+    return (
+        f"; this server serves no text-generation model (its models {repository.names} take "
+        "POST /v2/models/NAME/infer); to generate, serve a decoder engine (trtpipe export "
+        "MODEL --task text-generation-with-past, then trtpipe build)"
+    )
 
 
 def openai_error_body(wire: WireError) -> bytes:
