@@ -155,3 +155,13 @@ def test_serve_lists_generation_and_encoder_models_and_is_ready(served: dict) ->
     for name in ("encoder", MODEL):  # /v1/models/{id} answers for every kind of model
         assert httpx.get(served["url"] + f"/v1/models/{name}", timeout=10).json()["id"] == name
     assert httpx.get(served["url"] + "/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_a_missing_generation_route_on_a_generation_server_gets_the_plain_404(
+    served: dict,
+) -> None:
+    """The "serves no text-generation model" hint is for servers without one, not this one."""
+    path = f"/v2/models/{MODEL}/versions/1/generate"
+    reply = httpx.post(served["url"] + path, json={"text_input": "hi"}, timeout=10)
+    assert reply.status_code == 404
+    assert reply.json() == {"error": f"Not Found: POST {path}"}

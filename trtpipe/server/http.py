@@ -50,7 +50,7 @@ EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_
 HEADER_LENGTH = "inference-header-content-length"
 OFFLOAD_BYTES = 1 << 20  # decode/encode bodies larger than this off the event loop
 MAX_EMBEDDING_INPUTS = 2048
-# The generation routes, registered only where a generation model can be served.
+# The generation routes' paths (their routes exist only where a generation model can be served).
 GENERATION_PATH = re.compile(
     r"/v2/models/[^/]+(/versions/[^/]+)?/generate(_stream)?|/v1/(chat/)?completions"
 )
@@ -142,6 +142,8 @@ def create_http_app(
         default_response_class=JSONResponse,
     )
     install_openapi(app)  # the request documents the raw-body routes validate
+    # Explicit model control may load a generation model later: the routes look it up live.
+    serves_generation = bool(repository.generators) or repository.control_mode == "explicit"
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, exc: OpenAIError) -> Response:
@@ -153,7 +155,8 @@ def create_http_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = f"{exc.detail}: {request.method} {request.url.path}"
-        if exc.status_code == 404 and GENERATION_PATH.fullmatch(request.url.path):
+        missing = exc.status_code == 404 and not serves_generation
+        if missing and GENERATION_PATH.fullmatch(request.url.path):
             message += no_generation_hint(repository)
         return JSONResponse({"error": message}, status_code=exc.status_code)
 
@@ -272,8 +275,7 @@ def create_http_app(
         )
 
     # -- OpenAI-compatible -----------------------------------------------------------------------
-    # Explicit model control may load a generation model later: the routes look it up live.
-    if repository.generators or repository.control_mode == "explicit":
+    if serves_generation:
         from trtpipe.server.generate_routes import generate_router
 
         app.include_router(generate_router(repository.generators))
