@@ -3,6 +3,8 @@ runner, and the served real-text bench (every protocol, every reply checked)."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +184,8 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         "grpc-text",
         "grpc-tokens",
     ]
+    grpc_client = "zttp" if importlib.util.find_spec("zttp") else "tritonclient"  # auto
+    assert [p["client"] for p in data["protocols"]] == ["httptools"] * 4 + [grpc_client] * 2
     assert data["offline"]["sorted_sentences_per_s"] > 0
     # The sorted figure is measured at the start and again after each protocol; each
     # protocol's levels are shares of the mean of the two around them.
@@ -228,12 +232,55 @@ def test_served_text_bench_checks_every_reply_on_every_protocol(
         )
     table = served_text_table(data)
     assert "grpc-tokens" in table and "c1 p50 overhead" in table
+    assert f"v2-tokens httptools, grpc-text {grpc_client}, grpc-tokens {grpc_client}" in table
     assert table.count("this client's CPU") == len(data["protocols"])
     assert "mean over the model's" in table and "loop us/req" in table
     assert "engine ms/req" in table and "ms per sentence on 1 thread(s)" in table
     assert data["offline"]["sorted_ms_per_sentence"] == pytest.approx(
         1000.0 / data["offline"]["sorted_sentences_per_s"]
     )
+
+
+@pytest.mark.parametrize("protocol", ["grpc-text", "grpc-tokens"])
+def test_the_benchs_grpc_channel_gets_what_tritonclient_gets(
+    server: ServerThread, minilm_serving_engine: Path, protocol: str
+) -> None:
+    """The bench's own gRPC client (prebuilt requests on zttp's HTTP/2) and tritonclient's
+    asyncio client send the same request and read the same reply, to the bit."""
+    pytest.importorskip("zttp", reason="the bench's gRPC channel needs zttp (Python 3.11+)")
+    from types import SimpleNamespace
+
+    from trtpipe.bench.served_clients import client_for
+    from trtpipe.text import load_tokenizer
+
+    texts = TEXTS[:3]
+    engine = EngineDir(minilm_serving_engine)
+    tokenizer = load_tokenizer(str(engine.path))
+    ids = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    inputs = [spec.name for spec in engine.manifest.inputs]
+
+    async def vectors(kind: str) -> tuple[str, list[np.ndarray]]:
+        config = SimpleNamespace(
+            url="",
+            grpc_url=f"127.0.0.1:{server.server.grpc_port}",
+            model="minilm",
+            texts=texts,
+            grpc_client=kind,
+        )
+        client = client_for(protocol, config, ids, inputs)
+        await client.open()
+        try:
+            return client.name, [await client.embed(i) for i in range(len(texts))]
+        finally:
+            await client.close()
+
+    own_name, own = asyncio.run(vectors("zttp"))
+    triton_name, triton = asyncio.run(vectors("tritonclient"))
+    assert (own_name, triton_name) == ("zttp", "tritonclient")
+    for mine, theirs in zip(own, triton, strict=True):
+        assert mine.shape == theirs.shape == (384,) and mine.dtype == theirs.dtype
+        np.testing.assert_array_equal(mine, theirs)
+    assert not np.array_equal(own[0], own[1])  # each sentence its own vector
 
 
 def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: Path) -> None:

@@ -3,8 +3,9 @@
 Request bodies are built once per sentence before timing and replies are parsed with orjson,
 so a level measures the server, not the client (which shares the machine's cores with it). HTTP
 clients share keep-alive connections parsed by httptools (:mod:`trtpipe.bench.http_connection`,
-a third of aiohttp's cost per round trip); gRPC uses tritonclient's asyncio client (what Triton
-users run).
+a third of aiohttp's cost per round trip); gRPC clients share HTTP/2 connections framed by zttp
+(:mod:`trtpipe.bench.grpc_channel`, a quarter of tritonclient's asyncio client's CPU per call),
+or tritonclient itself (what Triton users run) with ``--grpc-client tritonclient``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def http_url(address: str) -> str:
 
 class Client:
     """Sends sentence ``index`` and returns the reply's sentence embedding."""
+
+    name = "httptools"  # what speaks the protocol, in the bench's report
 
     def __init__(
         self, url: str, model: str, texts: list[str], ids: list[list[int]], inputs: list[str]
@@ -166,10 +169,64 @@ def binary_token_body(arrays: dict[str, np.ndarray]) -> tuple[bytes, int]:
     return header + b"".join(a.tobytes() for a in arrays.values()), len(header)
 
 
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
 class GrpcClient(Client):
-    """tritonclient.grpc.aio ModelInfer with the ``text`` input or token tensors."""
+    """KServe ModelInfer with the BYTES ``text`` input or token tensors, each sentence's request
+    serialized once, on the bench's own channel (:mod:`trtpipe.bench.grpc_channel`)."""
 
     tokens = False
+    name = "zttp"
+
+    async def open(self) -> None:
+        from tritonclient.grpc import service_pb2
+
+        from trtpipe.bench.grpc_channel import GrpcChannel
+
+        self.messages = service_pb2
+        self.channel = GrpcChannel(self.url.split("://", 1)[1])
+        self.requests = [self._request(i).SerializeToString() for i in range(len(self.texts))]
+
+    def _request(self, index: int) -> Any:
+        request = self.messages.ModelInferRequest(model_name=self.model)
+        for name, datatype, shape, raw in self._tensors(index):
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(raw)
+        request.outputs.add(name=POOLED)
+        return request
+
+    def _tensors(self, index: int) -> list[tuple[str, str, list[int], bytes]]:
+        """Each input's name, datatype, shape and raw contents (a BYTES element is its
+        little-endian 4-byte length, then its bytes)."""
+        if not self.tokens:
+            text = self.texts[index].encode()
+            return [("text", "BYTES", [1], len(text).to_bytes(4, "little") + text)]
+        arrays = token_arrays(self.ids[index], self.inputs)
+        return [(n, "INT64", list(a.shape), a.tobytes()) for n, a in arrays.items()]
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def embed(self, index: int) -> np.ndarray:
+        reply = self.messages.ModelInferResponse.FromString(
+            await self.channel.unary(MODEL_INFER, self.requests[index])
+        )
+        for position, output in enumerate(reply.outputs):
+            if output.name == POOLED:
+                return np.frombuffer(reply.raw_output_contents[position], dtype="<f4")
+        raise InputError(f"the reply has no {POOLED!r} output")
+
+
+class GrpcTokensClient(GrpcClient):
+    tokens = True
+
+
+class TritonGrpcClient(GrpcClient):
+    """As :class:`GrpcClient` through tritonclient.grpc.aio's ``infer`` (what Triton users
+    run; grpc.aio costs about four times this bench's channel in CPU per call)."""
+
+    name = "tritonclient"
 
     async def open(self) -> None:
         import tritonclient.grpc.aio as grpcclient
@@ -200,8 +257,27 @@ class GrpcClient(Client):
         return np.asarray(result.as_numpy(POOLED)[0], dtype=np.float32)
 
 
-class GrpcTokensClient(GrpcClient):
+class TritonGrpcTokensClient(TritonGrpcClient):
     tokens = True
+
+
+GRPC_CLIENTS = ("zttp", "tritonclient")
+
+
+def grpc_client_name(choice: str) -> str:
+    """``auto`` -> the bench's own channel where zttp is installed (Python 3.11+), else
+    tritonclient; an explicit choice is checked."""
+    if choice not in ("auto", *GRPC_CLIENTS):
+        raise InputError(f"unknown gRPC client {choice!r}; choose auto, {', '.join(GRPC_CLIENTS)}")
+    try:
+        import zttp  # noqa: F401
+    except ImportError:
+        if choice == "zttp":
+            raise InputError(
+                "--grpc-client zttp needs zttp (Python 3.11+); use --grpc-client tritonclient"
+            ) from None
+        return "tritonclient"
+    return "zttp" if choice == "auto" else choice
 
 
 CLIENTS: dict[str, type[Client]] = {
@@ -215,5 +291,11 @@ CLIENTS: dict[str, type[Client]] = {
 
 
 def client_for(protocol: str, config: Any, ids: list[list[int]], inputs: list[str]) -> Client:
-    url = config.grpc_url if protocol.startswith("grpc") else config.url
-    return CLIENTS[protocol](url, config.model, config.texts, ids, inputs)
+    """The client of ``protocol``; gRPC's is ``config.grpc_client`` (a name from
+    :func:`grpc_client_name`)."""
+    if not protocol.startswith("grpc"):
+        return CLIENTS[protocol](config.url, config.model, config.texts, ids, inputs)
+    kind = CLIENTS[protocol]
+    if config.grpc_client == "tritonclient":
+        kind = TritonGrpcTokensClient if protocol == "grpc-tokens" else TritonGrpcClient
+    return kind(config.grpc_url, config.model, config.texts, ids, inputs)

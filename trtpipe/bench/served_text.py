@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from trtpipe.bench.served_clients import CLIENTS, Client, client_for, http_url
+from trtpipe.bench.served_clients import CLIENTS, Client, client_for, grpc_client_name, http_url
 from trtpipe.bench.served_offline import Offline, direct_batch1, offline_engine
 from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
 from trtpipe.bench.stats import LatencyStats, median, ratio
@@ -49,6 +49,7 @@ class ServedTextConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     protocols: list[str] = field(default_factory=lambda: ["openai"])
     grpc_url: str | None = None
+    grpc_client: str = "auto"  # the bench's own zttp channel, or tritonclient's (see client_for)
     max_requests: int = 2000
     duration_s: float = 10.0
     c1_runs: int = 5
@@ -270,7 +271,7 @@ async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -
                 100 * level["client_cpu_share"],
                 _micros(level["server"].get("loop_cpu_us_per_request")),
             )
-        return {"protocol": protocol, "levels": levels}
+        return {"protocol": protocol, "client": client.name, "levels": levels}
     finally:
         await client.close()
 
@@ -286,6 +287,7 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
         raise InputError("gRPC protocols need --grpc-url HOST:PORT")
     if config.max_requests < 1 or config.duration_s <= 0:
         raise InputError("--requests and --duration must be positive")
+    config.grpc_client = grpc_client_name(config.grpc_client)
     # uvloop, as the server: on a shared machine the load generator's CPU is the server's loss.
     from trtpipe.server.loop import run as run_loop
 
@@ -338,6 +340,7 @@ def served_text_table(data: dict[str, Any]) -> str:
         + _after_each_protocol(offline)
         + f", batch-1 p50 {offline['direct_batch1_p50_ms']:.2f} ms"
         + _sorted_cost(offline),
+        _clients(data["protocols"]),
         f"{'protocol':<12} {'conc':>4} {'req/s':>8} {'% sorted':>9} {'% arrival':>10} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'wrong':>6} {'errors':>6} {'client CPU':>10} "
         f"{'avg batch':>9} {'padding':>7} {'engine busy':>11} {'srv us/req':>10} "
@@ -398,6 +401,14 @@ def served_text_table(data: dict[str, Any]) -> str:
         "engine per request, summed over workers (beside the offline sorted run's above)"
     )
     return "\n".join(lines)
+
+
+def _clients(protocols: list[dict[str, Any]]) -> str:
+    """Which client spoke each protocol (JSON files before the choice existed say nothing)."""
+    named = {p["protocol"]: p["client"] for p in protocols if "client" in p}
+    if not named:
+        return "clients: (not recorded)"
+    return "clients: " + ", ".join(f"{protocol} {client}" for protocol, client in named.items())
 
 
 def _client_cost(level: dict[str, Any]) -> str:

@@ -105,6 +105,16 @@ PATH = click.Path(path_type=Path)
 )
 @click.option("--grpc-url", help="Online mode with --texts: the server's gRPC HOST:PORT.")
 @click.option(
+    "--grpc-client",
+    type=click.Choice(["auto", "zttp", "tritonclient"]),
+    default="auto",
+    show_default=True,
+    help="Online mode with --texts: what sends the gRPC protocols. zttp: the bench's own "
+    "HTTP/2 channel, a quarter of tritonclient's CPU per call, so a level measures the "
+    "server (needs Python 3.11+); tritonclient: tritonclient.grpc.aio, what Triton users run; "
+    "auto: zttp where it is installed.",
+)
+@click.option(
     "--engine-dir",
     "served_engine",
     type=PATH,
@@ -199,6 +209,7 @@ MODE_OPTIONS = {
         "served_engine": "--engine-dir",
         "protocols": "--protocols",
         "grpc_url": "--grpc-url",
+        "grpc_client": "--grpc-client",
     },
     "generation": {"prompts_file": "--prompts-file", "max_new_tokens": "--max-new-tokens"},
     "offline": {
@@ -313,6 +324,7 @@ def _served_text(options: dict[str, Any]) -> dict[str, Any]:
             concurrency=concurrency,
             protocols=[p.strip() for p in options["protocols"].split(",") if p.strip()],
             grpc_url=options["grpc_url"],
+            grpc_client=options["grpc_client"],
             max_requests=options["max_requests"],
             duration_s=options["duration"],
             threads=options["threads"],
