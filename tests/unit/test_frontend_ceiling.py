@@ -7,6 +7,7 @@ from __future__ import annotations
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,22 +114,42 @@ def test_the_compiled_c1_script_refuses_an_unknown_protocol(tiny_bert_engine: Pa
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+def held_port_pair() -> tuple[Any, Any, int]:
+    """Two sockets bound to ports N and N + 1 (not listening), and N: a pair this test owns,
+    so no other socket on the machine can make the checks below name another port."""
+    import socket
+
+    for _ in range(50):
+        first = socket.socket()
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        first.bind(("127.0.0.1", 0))
+        port = first.getsockname()[1]
+        second = socket.socket()
+        second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            second.bind(("127.0.0.1", port + 1))
+        except OSError:
+            first.close()
+            second.close()
+            continue
+        return first, second, port
+    raise RuntimeError("no two free consecutive ports")
+
+
 def test_a_taken_port_is_named_before_a_server_starts(  # type: ignore[no-untyped-def]
     ceiling, tiny_bert_engine: Path
 ) -> None:
     """Else the readiness check finds the other server and the run measures it."""
-    import socket
-
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        taken = other.getsockname()[1]
-        reason = ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken - 1)
+    first, second, port = held_port_pair()
+    with second:
+        second.listen()  # the gRPC port (HTTP's + 1) taken by another server
+        first.close()
+        reason = ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], port)
         assert reason == (
-            f"port {taken} is in use (another server, or one still stopping): use --port"
+            f"port {port + 1} is in use (another server, or one still stopping): use --port"
         )
-        assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken)
-    assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], taken) == ""
+        assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], port + 1)
+    assert ceiling.cannot_run_reason(tiny_bert_engine, ["openai"], port) == ""
 
 
 def test_the_compiled_c1_script_refuses_a_taken_port(tiny_bert_engine: Path) -> None:
