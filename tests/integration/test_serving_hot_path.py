@@ -309,6 +309,34 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     assert served_text.agreement_floor("int8") < served_text.agreement_floor("fp32")
 
 
+@pytest.mark.parametrize("grpc_client", ["zttp", "tritonclient"])
+def test_a_grpc_port_nobody_answers_on_is_one_clear_error(
+    server: ServerThread, minilm_serving_engine: Path, grpc_client: str
+) -> None:
+    """The first requests of a level fail as an InputError naming the address, not a
+    traceback out of the client."""
+    if grpc_client == "zttp":
+        pytest.importorskip("zttp", reason="the bench's gRPC channel needs zttp (Python 3.11+)")
+    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
+    from trtpipe.errors import InputError
+
+    config = ServedTextConfig(
+        url=f"127.0.0.1:{server.server.http_port}",
+        grpc_url="127.0.0.1:1",  # nothing listens on port 1
+        grpc_client=grpc_client,
+        model="minilm",
+        texts=TEXTS[:2],
+        engine_dir=minilm_serving_engine,
+        concurrency=[4],
+        max_requests=4,
+        offline_runs=1,
+        threads=1,
+    )
+    offline = offline_figures(config)
+    with pytest.raises(InputError, match=r"the first requests to 127.0.0.1:1 failed: "):
+        asyncio.run(_protocol("grpc-tokens", config, offline))
+
+
 def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> None:
     """The stats document says each CPU worker's intra-op threads; the bench's direct batch-1
     calls of a c1 overhead run read them there."""

@@ -36,6 +36,7 @@ class Client:
     def __init__(
         self, url: str, model: str, texts: list[str], ids: list[list[int]], inputs: list[str]
     ):
+        self.address = url  # as given: HOST:PORT (gRPC) or a URL
         self.url = http_url(url)
         self.model = model
         self.texts = texts

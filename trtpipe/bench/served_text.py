@@ -101,7 +101,12 @@ async def _level(
 ) -> dict[str, Any]:
     texts, count = config.texts, len(config.texts)
     floor = agreement_floor(offline.precision)
-    await asyncio.gather(*(client.embed(i) for i in range(concurrency)))  # warm connections
+    try:  # warm connections
+        await asyncio.gather(*(client.embed(i) for i in range(concurrency)))
+    except Exception as exc:  # every client raises its own error types
+        raise InputError(
+            f"the first requests to {client.address} failed: {type(exc).__name__}: {exc}"
+        ) from None
     stats_before, cpu_before = await read_server(config.url, config.model)
     latencies: list[float] = []
     wrong: list[int] = []
