@@ -2,11 +2,12 @@
 
 A served level times each request from the client's side, so at c1 all of the client's work
 lies on the request's path, and on a small machine it also takes a core the server needs.
-tritonclient's asyncio client (grpc.aio) costs about 290 us of CPU per call on a 2-core AVX2
-machine, most of it grpc core's poller thread handing each event to the asyncio loop (a bare
-grpc.aio channel sending prebuilt bytes saves only 60-70 us of it). This channel costs about
-70 us: the caller's request message is prebuilt, framed and written in one call, and the reply
-is parsed by zttp, the Zig HTTP/2 core that uvicorn serves gRPC with. It is to gRPC what
+tritonclient's asyncio client (grpc.aio) costs the bench 335-395 us of CPU per request at c1 on
+a 2-core AVX2 machine (null runner), most of it grpc core's poller thread handing each event to
+the asyncio loop (a bare grpc.aio channel sending prebuilt bytes saves only 60-70 us of it).
+With this channel the bench spends 114-117 us per request, its reply check included: the
+caller's request message is prebuilt, framed and written in one call, and the reply is parsed
+by zttp, the Zig HTTP/2 core that uvicorn serves gRPC with. It is to gRPC what
 :mod:`trtpipe.bench.http_connection` is to HTTP.
 
 Calls share one connection, a stream each, as a grpc.aio channel does, up to the server's

@@ -4,7 +4,7 @@ Request bodies are built once per sentence before timing and replies are parsed 
 so a level measures the server, not the client (which shares the machine's cores with it). HTTP
 clients share keep-alive connections parsed by httptools (:mod:`trtpipe.bench.http_connection`,
 a third of aiohttp's cost per round trip); gRPC clients share HTTP/2 connections framed by zttp
-(:mod:`trtpipe.bench.grpc_channel`, a quarter of tritonclient's asyncio client's CPU per call),
+(:mod:`trtpipe.bench.grpc_channel`, a third of tritonclient's asyncio client's CPU per request),
 or tritonclient itself (what Triton users run) with ``--grpc-client tritonclient``.
 """
 

@@ -110,7 +110,7 @@ PATH = click.Path(path_type=Path)
     default="auto",
     show_default=True,
     help="Online mode with --texts: what sends the gRPC protocols. zttp: the bench's own "
-    "HTTP/2 channel, a quarter of tritonclient's CPU per call, so a level measures the "
+    "HTTP/2 channel, a third of tritonclient's CPU per request, so a level measures the "
     "server (needs Python 3.11+); tritonclient: tritonclient.grpc.aio, what Triton users run; "
     "auto: zttp where it is installed.",
 )
