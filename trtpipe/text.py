@@ -32,16 +32,21 @@ def load_tokenizer(directory: str) -> Any:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """One text per line; blank lines skipped; a clear error for a missing or empty file."""
+    """One text per line; blank lines skipped; a clear error for a missing or empty file.
+
+    Pipes are read too: ``--texts <(head -n 100 corpus.txt)`` and ``--texts /dev/stdin``.
+    """
     file = Path(path)
     if file.is_dir():
         raise InputError(f"{file} is a directory; give a text file with one text per line")
-    if not file.is_file():
+    if not file.exists():
         raise InputError(f"text file {file} does not exist")
     try:
         texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
         raise InputError(f"{file} is not UTF-8 text") from exc
+    except OSError as exc:  # unreadable: permissions, a socket
+        raise InputError(f"cannot read text file {file}: {exc.strerror or exc}") from exc
     texts = [t for t in texts if t]
     if not texts:
         raise InputError(f"{file} holds no text (one text per line expected)")
