@@ -11,8 +11,8 @@ intra-op threads of the server's lone launch (as the bench does):
 
 Per protocol it prints each pair's served p50 minus direct p50 and their median. The HTTP rows
 cycle through the first --sentences sentences of the corpus; h2load repeats one body, so the
-gRPC row (and its direct calls) use the one of median length. wrk and h2load see only the
-status (and the gRPC row checks the server's own counters): reply contents are checked by
+gRPC rows (and their direct calls) use the one of median length. wrk and h2load see only the
+status (and the gRPC rows check the server's own counters): reply contents are checked by
 `trtpipe bench --url`, not here.
 """
 
@@ -43,7 +43,7 @@ def direct_p50_ms(seconds: Any, rows: list[int], calls: int) -> float:
 def served_p50_ms(args: argparse.Namespace, protocol: str, load: dict[str, Any]) -> float:
     """One served block: wrk or h2load at one connection, its p50 in ms. Exits when a
     request failed: a failed request's time is no overhead figure."""
-    if protocol == "grpc-tokens":
+    if protocol.startswith("grpc"):
         calls = max(200, int(args.seconds * load["rate"]))
         calls = min(calls, ceiling.H2LOAD_CALLS_PER_CONNECTION)
         result = ceiling.h2load(
@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=4, help="per served block")
     parser.add_argument("--direct-calls", type=int, default=200, help="per direct block")
     parser.add_argument("--port", type=int, default=18090, help="HTTP; gRPC listens on the next")
-    parser.add_argument("--protocols", default="openai,v2-text,v2-binary,grpc-tokens")
+    parser.add_argument("--protocols", default="openai,v2-text,v2-binary,grpc-text,grpc-tokens")
     args = parser.parse_args()
     protocols = args.protocols.split(",")
     reason = ceiling.cannot_run_reason(args.engine, protocols, args.port)
@@ -145,10 +145,12 @@ def measure(
         for protocol in protocols:
             load: dict[str, Any] = {"url": url, "pid": pid}
             rows = list(range(len(sentences)))
-            if protocol == "grpc-tokens":
+            if protocol.startswith("grpc"):
                 rows = [one]
                 load["grpc_url"] = f"http://127.0.0.1:{args.port + 1}"
-                load["body"] = ceiling.write_grpc_body(work, args.engine, model, sentences)
+                load["body"] = ceiling.write_grpc_body(
+                    work, args.engine, model, sentences, protocol
+                )
                 load["rate"] = 1000.0 / max(direct_p50_ms(run, rows, 20), 0.1)
                 load["counters"] = partial(ceiling.request_counters, url, model)
             else:

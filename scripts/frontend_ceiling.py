@@ -6,8 +6,8 @@ alone: the rate a deployment whose engine is much faster than the front end (a G
 
     python scripts/frontend_ceiling.py ENGINE_DIR [--connections 64] [--seconds 10]
 
-HTTP protocols need `wrk` (Debian: apt-get install wrk); `grpc-tokens` needs `h2load`
-(Debian: apt-get install nghttp2-client), which speaks HTTP/2 and so sends gRPC's framed
+HTTP protocols need `wrk` (Debian: apt-get install wrk); `grpc-text` and `grpc-tokens` need
+`h2load` (Debian: apt-get install nghttp2-client), which speaks HTTP/2 and so sends gRPC's framed
 ModelInfer requests itself. Prints req/s and the p50 time to a reply per protocol and writes
 JSON with --json. Python clients cannot drive these rates on 2 cores; wrk and h2load can, from
 one thread.
@@ -17,7 +17,7 @@ whose batch-1 launch leaves the CPU to the front end, a c1 request takes about t
 engine's own batch-1 time.
 
 h2load sees HTTP status only, and gRPC carries its errors in trailers under HTTP 200, so the
-gRPC row also counts the server's own success and failure counters (/metrics) over the run:
+gRPC rows also count the server's own success and failure counters (/metrics) over the run:
 `grpc_failures` must be 0 and `grpc_successes` must equal the requests h2load completed.
 """
 
@@ -125,32 +125,44 @@ def write_bodies(
 
 
 def grpc_sentence(engine: Path, sentences: list[str]) -> int:
-    """h2load repeats one body, so the gRPC row sends the sentence of median token length."""
+    """h2load repeats one body, so the gRPC rows send the sentence of median token length."""
     from trtpipe.text import load_tokenizer
 
     lengths = [len(ids) for ids in load_tokenizer(str(engine))(sentences)["input_ids"]]
     return sorted(range(len(sentences)), key=lengths.__getitem__)[len(sentences) // 2]
 
 
-def write_grpc_body(work: Path, engine: Path, model: str, sentences: list[str] = SENTENCES) -> Path:
-    """One gRPC-framed ModelInfer request (token tensors of one sentence, raw contents as
-    tritonclient sends them): the sentence :func:`grpc_sentence` picks."""
+def write_grpc_body(
+    work: Path,
+    engine: Path,
+    model: str,
+    sentences: list[str] = SENTENCES,
+    protocol: str = "grpc-tokens",
+) -> Path:
+    """One gRPC-framed ModelInfer request of the sentence :func:`grpc_sentence` picks, with raw
+    contents as tritonclient sends them: its token tensors (``grpc-tokens``) or the BYTES
+    ``text`` input (``grpc-text``: a 4-byte little-endian length, then the UTF-8 text)."""
     from tritonclient.grpc import service_pb2
 
     from trtpipe.bench.served_clients import POOLED, token_arrays
     from trtpipe.engine import EngineDir
     from trtpipe.server.grpc_asgi import frame
+    from trtpipe.server.protocol import encode_bytes_tensor
     from trtpipe.text import load_tokenizer
 
-    tokenizer = load_tokenizer(str(engine))
-    inputs = [s.name for s in EngineDir(engine).manifest.inputs]
-    ids = tokenizer([sentences[grpc_sentence(engine, sentences)]])["input_ids"][0]
+    sentence = sentences[grpc_sentence(engine, sentences)]
     request = service_pb2.ModelInferRequest(model_name=model)
-    for name, array in token_arrays(ids, inputs).items():
-        request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
+    if protocol == "grpc-text":
+        request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(encode_bytes_tensor([sentence]))
+    else:
+        inputs = [s.name for s in EngineDir(engine).manifest.inputs]
+        ids = load_tokenizer(str(engine))([sentence])["input_ids"][0]
+        for name, array in token_arrays(ids, inputs).items():
+            request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+            request.raw_input_contents.append(array.tobytes())
     request.outputs.add(name=POOLED)
-    path = work / "grpc_tokens.bin"
+    path = work / f"{protocol.replace('-', '_')}.bin"
     path.write_bytes(frame(request))  # one uncompressed gRPC message
     return path
 
@@ -302,7 +314,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--port", type=int, default=18080, help="HTTP; gRPC listens on the next")
-    parser.add_argument("--protocols", default="openai,openai-float,v2-text,v2-binary,grpc-tokens")
+    parser.add_argument(
+        "--protocols", default="openai,openai-float,v2-text,v2-binary,grpc-text,grpc-tokens"
+    )
     parser.add_argument("--real-engine", action="store_true", help="serve the engine itself")
     parser.add_argument(
         "--grpc-server", default="auto", help="passed to trtpipe serve: auto, uvicorn or grpcio"
@@ -325,7 +339,7 @@ def main() -> int:
     return 0
 
 
-PROTOCOLS = ("openai", "openai-float", "v2-text", "v2-binary", "grpc-tokens")
+PROTOCOLS = ("openai", "openai-float", "v2-text", "v2-binary", "grpc-text", "grpc-tokens")
 
 
 def cannot_run_reason(engine: Path, protocols: list[str], port: int | None = None) -> str:
@@ -375,8 +389,10 @@ def measure(
             work = Path(tmp)
             files = write_bodies(work, args.engine, model)
             for protocol in protocols:
-                if protocol == "grpc-tokens":
-                    results[protocol] = run_grpc(args, work, model, url, grpc_url, server.pid)
+                if protocol.startswith("grpc"):
+                    results[protocol] = run_grpc(
+                        args, work, model, url, grpc_url, server.pid, protocol
+                    )
                 else:
                     results[protocol] = run_http(
                         args, work, files[protocol], protocol, url, server.pid
@@ -425,10 +441,16 @@ def write_script(work: Path, files: tuple[Path, str, str, str], protocol: str) -
 
 
 def run_grpc(
-    args: argparse.Namespace, work: Path, model: str, url: str, grpc_url: str, pid: int
+    args: argparse.Namespace,
+    work: Path,
+    model: str,
+    url: str,
+    grpc_url: str,
+    pid: int,
+    protocol: str = "grpc-tokens",
 ) -> dict[str, float]:
     """h2load: a warm-up that also sizes the run, then about --seconds worth of requests."""
-    body = write_grpc_body(work, args.engine, model)
+    body = write_grpc_body(work, args.engine, model, protocol=protocol)
 
     def counters() -> tuple[float, float]:
         return request_counters(url, model)

@@ -56,6 +56,27 @@ def test_grpc_body_is_a_framed_model_infer_of_one_sentence(
     np.testing.assert_array_equal(by_name["attention_mask"].data, np.ones((1, len(ids))))
 
 
+def test_grpc_text_body_sends_that_sentence_as_the_bytes_text_input(
+    ceiling, tiny_bert_engine: Path, tmp_path: Path
+) -> None:
+    from tritonclient.grpc import service_pb2
+
+    from trtpipe.server.grpc_codec import decode_request
+    from trtpipe.server.text_input import decode_texts
+
+    path = ceiling.write_grpc_body(tmp_path, tiny_bert_engine, "m", protocol="grpc-text")
+    assert path.name == "grpc_text.bin"
+    frame = path.read_bytes()
+    (length,) = struct.unpack(">I", frame[1:5])
+    assert frame[0] == 0 and length == len(frame) - 5
+    request = service_pb2.ModelInferRequest.FromString(frame[5:])
+    decoded = decode_request(request)
+    assert [(t.name, t.datatype, t.shape) for t in decoded.inputs] == [("text", "BYTES", [1])]
+    sentence = ceiling.SENTENCES[ceiling.grpc_sentence(tiny_bert_engine, ceiling.SENTENCES)]
+    assert decode_texts(decoded.inputs[0].data) == [sentence]
+    assert [o.name for o in request.outputs] == ["sentence_embedding"]
+
+
 def test_counters_are_read_for_the_named_model_only(ceiling) -> None:  # type: ignore[no-untyped-def]
     text = "\n".join(
         [
