@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -65,3 +66,12 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     file.chmod(0)
     with pytest.raises(InputError, match="cannot read text file"):
         read_texts(file)
+
+
+def test_a_path_that_cannot_be_opened_for_reading_is_named(tmp_path: Path) -> None:
+    """A Unix socket exists but open() refuses it (ENXIO), even for root."""
+    path = tmp_path / "server.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        with pytest.raises(InputError, match=r"cannot read text file .*server\.sock"):
+            read_texts(path)
