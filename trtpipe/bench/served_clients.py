@@ -20,6 +20,7 @@ import orjson
 
 from trtpipe.bench.http_connection import HttpConnections
 from trtpipe.errors import InputError
+from trtpipe.server.protocol import encode_bytes_tensor
 
 POOLED = "sentence_embedding"
 
@@ -199,11 +200,10 @@ class GrpcClient(Client):
         return request
 
     def _tensors(self, index: int) -> list[tuple[str, str, list[int], bytes]]:
-        """Each input's name, datatype, shape and raw contents (a BYTES element is its
-        little-endian 4-byte length, then its bytes)."""
+        """Each input's name, datatype, shape and raw contents (BYTES framed as the server
+        reads them)."""
         if not self.tokens:
-            text = self.texts[index].encode()
-            return [("text", "BYTES", [1], len(text).to_bytes(4, "little") + text)]
+            return [("text", "BYTES", [1], encode_bytes_tensor([self.texts[index]]))]
         arrays = token_arrays(self.ids[index], self.inputs)
         return [(n, "INT64", list(a.shape), a.tobytes()) for n, a in arrays.items()]
 
