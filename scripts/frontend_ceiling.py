@@ -447,7 +447,7 @@ def run_grpc(
     url: str,
     grpc_url: str,
     pid: int,
-    protocol: str = "grpc-tokens",
+    protocol: str,
 ) -> dict[str, float]:
     """h2load: a warm-up that also sizes the run, then about --seconds worth of requests."""
     body = write_grpc_body(work, args.engine, model, protocol=protocol)
