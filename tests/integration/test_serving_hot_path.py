@@ -8,6 +8,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -351,3 +352,46 @@ def test_c1_pairing_uses_one_server_workers_threads(server: ServerThread) -> Non
     assert [d["threads"] for d in stats["devices"]] == [cpu_cores()]
     assert lone_launch_threads(stats) == cpu_cores()
     assert lone_launch_threads({"devices": [{"device": "cuda:0", "threads": None}]}) is None
+
+
+def test_c1_direct_calls_run_on_the_offline_engine_when_its_threads_match(
+    server: ServerThread, minilm_serving_engine: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command's offline engine already has the server's lone-launch threads, so the c1
+    overhead's direct calls run on it: a large engine is not loaded a second time per protocol.
+    Where its threads differ, a copy with the server's threads is loaded, as before."""
+    from trtpipe.bench import served_text
+    from trtpipe.bench.served_text import ServedTextConfig, _offline_engine, _protocol
+
+    loads: list[int] = []
+    real = served_text.direct_batch1
+
+    def counting(engine_dir: Path, ids: list[list[int]], pad_id: int, threads: int) -> Any:
+        loads.append(threads)
+        return real(engine_dir, ids, pad_id, threads)
+
+    monkeypatch.setattr(served_text, "direct_batch1", counting)
+    config = ServedTextConfig(
+        url=f"127.0.0.1:{server.server.http_port}",
+        model="minilm",
+        texts=TEXTS[:4],
+        engine_dir=minilm_serving_engine,
+        concurrency=[1],
+        max_requests=4,
+        c1_runs=2,
+        c1_direct_texts=4,
+        c1_block=2,
+        offline_runs=1,
+        threads=1,
+    )
+    with _offline_engine(config) as (offline, _, batch1_seconds):
+        shared = asyncio.run(_protocol("openai", config, offline, batch1_seconds))
+        assert loads == []
+        offline.threads = 2  # as if the offline runs had used two threads
+        copied = asyncio.run(_protocol("openai", config, offline, batch1_seconds))
+        assert loads == [1]  # the server's lone-launch threads (config.threads here)
+    for result in (shared, copied):
+        c1 = result["levels"][0]
+        assert c1["direct_threads"] == 1 and len(c1["direct_p50_ms_runs"]) == 2
+        assert all(d > 0 for d in c1["direct_p50_ms_runs"])
+        assert c1["wrong_replies"] == 0 and c1["errors"] == 0

@@ -50,13 +50,17 @@ class Offline:
         return self.threads * 1000.0 / self.sorted_per_s
 
 
+Batch1Seconds = Callable[[list[int]], list[float]]
+
+
 @contextlib.contextmanager
 def offline_engine(
     engine_dir: Path, texts: list[str], concurrency: list[int], threads: int | None, runs: int
-) -> Iterator[tuple[Offline, Callable[[], float]]]:
-    """The engine loaded once for the command: yields its offline figures on ``texts`` and
+) -> Iterator[tuple[Offline, Callable[[], float], Batch1Seconds]]:
+    """The engine loaded once for the command: yields its offline figures on ``texts``,
     ``sorted_rate()``, which measures the sorted real-text throughput again (the median of
-    ``runs`` passes over every sentence). ``threads``: intra-op threads (None: every core);
+    ``runs`` passes over every sentence), and ``batch1_seconds(indices)``, the direct batch-1
+    call's time for each of those sentences. ``threads``: intra-op threads (None: every core);
     ``concurrency``: the levels whose arrival-order figures to measure."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch, plan_batches
@@ -117,7 +121,7 @@ def offline_engine(
             pad_id=pad_id,
             threads=0 if device.is_gpu else threads,
         )
-        yield offline, partial(rate, sorted_batches)
+        yield offline, partial(rate, sorted_batches), partial(_batch1_seconds, run)
 
 
 def _batch1_seconds(run: Any, indices: Any) -> list[float]:
@@ -127,10 +131,11 @@ def _batch1_seconds(run: Any, indices: Any) -> list[float]:
 @contextlib.contextmanager
 def direct_batch1(
     engine_dir: Path, ids: list[list[int]], pad_id: int, threads: int
-) -> Iterator[Callable[[list[int]], list[float]]]:
-    """The engine loaded once for a c1 level's overhead runs, with the intra-op threads of one
-    server worker: yields ``seconds(indices)``, the direct batch-1 call's time for each of
-    those sentences (``ids``: every sentence's token ids)."""
+) -> Iterator[Batch1Seconds]:
+    """The engine loaded for a c1 level's overhead runs, with the intra-op threads of one
+    server worker, where the command's offline engine runs with others: yields
+    ``seconds(indices)``, the direct batch-1 call's time for each of those sentences (``ids``:
+    every sentence's token ids)."""
     from trtpipe.bench.common import default_device, engine_runner
     from trtpipe.bench.text import pad_batch
     from trtpipe.engine import EngineDir

@@ -17,11 +17,11 @@ the load generator competes with the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from trtpipe.bench.served_clients import CLIENTS, Client, client_for, grpc_client_name, http_url
-from trtpipe.bench.served_offline import Offline, direct_batch1, offline_engine
+from trtpipe.bench.served_offline import Batch1Seconds, Offline, direct_batch1, offline_engine
 from trtpipe.bench.server_readings import cpu_split, read_server, server_split, server_stats
 from trtpipe.bench.stats import LatencyStats, median, ratio
 from trtpipe.devices import cpu_cores
@@ -62,7 +62,7 @@ class ServedTextConfig:
 
 def _offline_engine(
     config: ServedTextConfig,
-) -> AbstractContextManager[tuple[Offline, Callable[[], float]]]:
+) -> contextlib.AbstractContextManager[tuple[Offline, Callable[[], float], Batch1Seconds]]:
     """The engine loaded in this process for the whole command (:func:`offline_engine`)."""
     return offline_engine(
         config.engine_dir, config.texts, config.concurrency, config.threads, config.offline_runs
@@ -71,7 +71,7 @@ def _offline_engine(
 
 def offline_figures(config: ServedTextConfig) -> Offline:
     """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
-    with _offline_engine(config) as (offline, _):
+    with _offline_engine(config) as (offline, _, _):
         return offline
 
 
@@ -158,12 +158,16 @@ async def _level(
     }
 
 
-async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
+async def _c1_level(
+    client: Client, config: ServedTextConfig, offline: Offline, offline_batch1: Batch1Seconds | None
+) -> dict[str, Any]:
     """The c1 level, then its overhead over a direct batch-1 call in ``c1_runs`` runs. A run
     sends ``c1_direct_texts`` sentences one at a time and calls the engine directly on the
     same sentences, alternating blocks of ``c1_block`` (well under a second each), so that a
     machine whose speed drifts charges both sides alike; the overhead is the median of the
-    runs' differences of p50."""
+    runs' differences of p50. The direct calls run on the command's offline engine
+    (``offline_batch1``) where it has the server's lone-launch threads (or runs on a GPU), so
+    that a large engine is not loaded twice; else on a copy loaded with those threads."""
     threads = (
         config.threads
         or lone_launch_threads(await server_stats(config.url, config.model))
@@ -171,7 +175,12 @@ async def _c1_level(client: Client, config: ServedTextConfig, offline: Offline) 
     )
     level = await _level(client, config, offline, 1)
     runs = []
-    with direct_batch1(config.engine_dir, offline.ids, offline.pad_id, threads) as direct_seconds:
+    engine: contextlib.AbstractContextManager[Batch1Seconds]
+    if offline_batch1 is not None and offline.threads in (0, threads):
+        engine = contextlib.nullcontext(offline_batch1)
+    else:
+        engine = direct_batch1(config.engine_dir, offline.ids, offline.pad_id, threads)
+    with engine as direct_seconds:
         count, size = len(config.texts), max(1, config.c1_direct_texts)
         await asyncio.to_thread(direct_seconds, list(range(min(count, 10))))  # warm-up
         for run in range(config.c1_runs):
@@ -254,14 +263,21 @@ async def _ensure_ready(config: ServedTextConfig) -> None:
         await client.close()
 
 
-async def _protocol(protocol: str, config: ServedTextConfig, offline: Offline) -> dict[str, Any]:
+async def _protocol(
+    protocol: str,
+    config: ServedTextConfig,
+    offline: Offline,
+    offline_batch1: Batch1Seconds | None = None,
+) -> dict[str, Any]:
+    """Every level of one protocol (``offline_batch1``: the offline engine's direct batch-1
+    calls, for the c1 overhead; None loads the engine again for them)."""
     client = client_for(protocol, config, offline.ids, offline.inputs)
     await client.open()
     try:
         levels = []
         for concurrency in config.concurrency:
             if concurrency == 1 and config.c1_runs > 1:
-                level = await _c1_level(client, config, offline)
+                level = await _c1_level(client, config, offline, offline_batch1)
             else:
                 level = await _level(client, config, offline, concurrency)
             levels.append(level)
@@ -298,10 +314,10 @@ def run_served_text(config: ServedTextConfig) -> dict[str, Any]:
 
     run_loop(_ensure_ready(config))  # before a minute of offline figures
     protocols = []
-    with _offline_engine(config) as (offline, sorted_rate):
+    with _offline_engine(config) as (offline, sorted_rate, batch1_seconds):
         checkpoints = [offline.sorted_per_s]
         for protocol in config.protocols:
-            result = run_loop(_protocol(protocol, config, offline))
+            result = run_loop(_protocol(protocol, config, offline, batch1_seconds))
             checkpoints.append(sorted_rate())
             protocols.append(_judged(result, checkpoints[-2], checkpoints[-1]))
     return {
