@@ -31,7 +31,11 @@ def served(tiny_bert_engine, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     thread = start_server([f"{MODEL}={engine}", f"encoder={tiny_bert_engine}"], devices=2)
     port = thread.server.http_port
     reference = Generator(engine)
-    yield {"url": f"http://127.0.0.1:{port}", "reference": reference}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "grpc_port": thread.server.grpc_port,
+        "reference": reference,
+    }
     thread.stop()
     reference.close()
 
@@ -116,7 +120,6 @@ def test_triton_generate_and_stream(served: dict) -> None:
     [
         ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 1.5}, "top-p"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -1}, "temperature"),
-        ("/v1/completions", {"model": "nope", "prompt": "x"}, "unknown generation model"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5000}, "total length"),
         (
             "/v1/completions",
@@ -140,6 +143,67 @@ def test_bad_requests_get_400_with_the_reason(
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert message in (error["message"] if isinstance(error, dict) else error)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "x"}, "unknown generation model 'nope'"),
+        ("/v2/models/nope/generate", {"text_input": "x"}, "unknown generation model 'nope'"),
+        (
+            "/v1/completions",
+            {"model": "encoder", "prompt": "x"},
+            "model 'encoder' is not a text-generation engine: use POST /v2/models/encoder/infer",
+        ),
+        (
+            "/v2/models/encoder/generate_stream",
+            {"text_input": "x"},
+            "model 'encoder' is not a text-generation engine",
+        ),
+    ],
+)
+def test_a_model_that_cannot_generate_gets_404_with_the_reason(
+    served: dict, path: str, body: dict, message: str
+) -> None:
+    """Unknown, or an encoder: 404, as a v2 infer or embeddings request naming a generation
+    model gets (and as OpenAI answers an unknown model), with what to use instead."""
+    import httpx
+
+    reply = httpx.post(served["url"] + path, json=body, timeout=30)
+    assert reply.status_code == 404
+    error = reply.json()["error"]
+    assert message in (error["message"] if isinstance(error, dict) else error)
+    # The server keeps serving.
+    done = client(served).completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert done.choices[0].finish_reason in ("length", "stop")
+
+
+def test_openai_sdk_raises_not_found_for_an_encoder(served: dict) -> None:
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="not a text-generation engine"):
+        client(served).completions.create(model="encoder", prompt="x")
+
+
+def test_grpc_statistics_include_generation_models(served: dict) -> None:
+    """As HTTP's /v2/models/stats: a generation model by name, and among all models."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    client(served).completions.create(model=MODEL, prompt="x", max_tokens=3)
+    address = served["url"].split("://", 1)[1]
+    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{served['grpc_port']}")
+    http = httpclient.InferenceServerClient(address)
+    try:
+        one = grpc.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+        http_one = http.get_inference_statistics(MODEL)["model_stats"]
+        assert [s["name"] for s in one] == [MODEL] == [s["name"] for s in http_one]
+        assert int(one[0]["inference_count"]) == http_one[0]["inference_count"] >= 1
+        every = grpc.get_inference_statistics(as_json=True)["model_stats"]
+        assert sorted(s["name"] for s in every) == ["encoder", MODEL]
+    finally:
+        grpc.close()
+        http.close()
 
 
 def test_openai_client_raises_on_bad_parameters(served: dict) -> None:

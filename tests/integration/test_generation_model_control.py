@@ -222,7 +222,8 @@ def test_load_makes_a_generation_model_ready_everywhere(server: ServerThread) ->
     assert scheduler_threads() == []
     assert openai_client(server).models.list().data == []
     gone = complete(server, PROMPTS[0])
-    assert gone.status_code == 400 and "unknown generation model 'llm'" in gone.text
+    assert gone.status_code == 404
+    assert "'llm' is not found; it is in the repository but not loaded (load it: POST " in gone.text
     grpc.unload_model(MODEL)  # unloading an unloaded model is not an error (Triton)
 
 

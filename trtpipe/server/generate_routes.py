@@ -25,6 +25,7 @@ from trtpipe.errors import InputError
 from trtpipe.generation.generator import Generator
 from trtpipe.generation.sequence import Sequence, TokenEvent
 from trtpipe.server import openai_generation as wire
+from trtpipe.server.errors import ModelNotFoundError
 from trtpipe.server.generation_model import AsyncSink, ServedGeneration
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -128,10 +129,14 @@ def sse_response(
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def generate_router(models: Mapping[str, Any]) -> APIRouter:
+def generate_router(
+    models: Mapping[str, Any], missing: Callable[[str], Exception] | None = None
+) -> APIRouter:
     """Routes for every decoder engine in ``models`` (name -> ServedGeneration; a loaded
     ``Generator`` is wrapped in one). A mapping of ServedGeneration is used live, not copied:
-    the repository's models loaded or unloaded at run time are found (or not) at once."""
+    the repository's models loaded or unloaded at run time are found (or not) at once.
+    ``missing(name)``: the error for a name with no generation model (the repository's, which
+    knows the server's other models); by default a 404 naming the generation models."""
     router = APIRouter()
     served: Mapping[str, Any] = models
     if any(isinstance(m, Generator) for m in models.values()):
@@ -143,8 +148,10 @@ def generate_router(models: Mapping[str, Any]) -> APIRouter:
 
     def find(name: Any) -> ServedGeneration:
         model = served.get(str(name))
+        if model is None and missing is not None:
+            raise missing(str(name))
         if model is None:
-            raise InputError(
+            raise ModelNotFoundError(
                 f"unknown generation model {name!r}; models: {sorted(served) or 'none'}"
             )
         return model  # type: ignore[no-any-return]

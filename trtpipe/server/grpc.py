@@ -87,10 +87,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         async def work() -> Any:
+            # Generation models too, as HTTP's /v2/models/stats gives them.
             if request.name:
-                models = [self.repository.get(request.name, request.version)]
+                models = [self.repository.describe(request.name, request.version)]
             else:
-                models = list(self.repository)
+                models = [*self.repository, *self.repository.generators.values()]
             response = service_pb2.ModelStatisticsResponse()
             for model in models:
                 json_format.ParseDict(

@@ -278,7 +278,7 @@ def create_http_app(
     if serves_generation:
         from trtpipe.server.generate_routes import generate_router
 
-        app.include_router(generate_router(repository.generators))
+        app.include_router(generate_router(repository.generators, repository.missing_generation))
 
     @app.get("/v1/models")
     async def openai_models() -> JSONResponse:

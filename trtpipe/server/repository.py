@@ -109,6 +109,25 @@ class ModelRepository(ModelControl):
             )
         return model
 
+    def missing_generation(self, name: str) -> ModelNotFoundError:
+        """Why a generate or completions request naming ``name`` finds no generation model:
+        an embedding or tensor model, one in the repository but not loaded, or none at all
+        (404 each, as a tensor request naming a generation model gets)."""
+        if name in self.models:
+            return ModelNotFoundError(
+                f"model {name!r} is not a text-generation engine: use POST "
+                f"/v2/models/{name}/infer or /v1/embeddings"
+            )
+        if name in self.available:
+            return unknown_model(
+                name,
+                f"it is in the repository but not loaded (load it: POST "
+                f"/v2/repository/models/{name}/load)",
+            )
+        return ModelNotFoundError(
+            f"unknown generation model {name!r}; models: {sorted(self.generators) or 'none'}"
+        )
+
     def describe(self, name: str, version: str | None = None) -> Any:
         """The model for the metadata, ready, config and stats documents: a tensor model or a
         generation model (``get`` refuses the latter, as v2 infer cannot run it)."""
