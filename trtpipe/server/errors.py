@@ -19,6 +19,13 @@ class ModelNotFoundError(InputError):
     """Unknown model or version (HTTP 404, gRPC NOT_FOUND)."""
 
 
+def unknown_generation_model(name: str, generation_models: list[str]) -> ModelNotFoundError:
+    """A generate or completions request naming no generation model."""
+    return ModelNotFoundError(
+        f"unknown generation model {name!r}; models: {generation_models or 'none'}"
+    )
+
+
 class ModelNotReadyError(InputError):
     """The model has no healthy device (HTTP 503, gRPC UNAVAILABLE)."""
 

@@ -25,7 +25,7 @@ from trtpipe.errors import InputError
 from trtpipe.generation.generator import Generator
 from trtpipe.generation.sequence import Sequence, TokenEvent
 from trtpipe.server import openai_generation as wire
-from trtpipe.server.errors import ModelNotFoundError
+from trtpipe.server.errors import unknown_generation_model
 from trtpipe.server.generation_model import AsyncSink, ServedGeneration
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -151,9 +151,7 @@ def generate_router(
         if model is None and missing is not None:
             raise missing(str(name))
         if model is None:
-            raise ModelNotFoundError(
-                f"unknown generation model {name!r}; models: {sorted(served) or 'none'}"
-            )
+            raise unknown_generation_model(str(name), sorted(served))
         return model  # type: ignore[no-any-return]
 
     def submit(

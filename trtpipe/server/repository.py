@@ -14,7 +14,7 @@ from typing import Any
 from trtpipe.engine import EngineDir
 from trtpipe.errors import InputError
 from trtpipe.server.config import PoolFactory, ServeConfig, default_pool_factory
-from trtpipe.server.errors import ModelNotFoundError
+from trtpipe.server.errors import ModelNotFoundError, unknown_generation_model
 from trtpipe.server.model_control import ModelControl, startup_models
 from trtpipe.server.served_model import ServedModel
 
@@ -124,9 +124,7 @@ class ModelRepository(ModelControl):
                 f"it is in the repository but not loaded (load it: POST "
                 f"/v2/repository/models/{name}/load)",
             )
-        return ModelNotFoundError(
-            f"unknown generation model {name!r}; models: {sorted(self.generators) or 'none'}"
-        )
+        return unknown_generation_model(name, sorted(self.generators))
 
     def describe(self, name: str, version: str | None = None) -> Any:
         """The model for the metadata, ready, config and stats documents: a tensor model or a
