@@ -33,6 +33,20 @@ def server(minilm_serving_engine: Path) -> Iterator[ServerThread]:
     thread.stop()
 
 
+def small_bench(server: ServerThread, engine: Path, **fields: Any) -> Any:
+    """A served real-text bench config for one quick check against the module's server."""
+    from trtpipe.bench.served_text import ServedTextConfig
+
+    return ServedTextConfig(
+        url=f"127.0.0.1:{server.server.http_port}",
+        model="minilm",
+        engine_dir=engine,
+        offline_runs=1,
+        threads=1,
+        **fields,
+    )
+
+
 def test_one_tokenizer_call_gives_what_per_text_tokenization_gives(
     minilm_serving_engine: Path,
 ) -> None:
@@ -289,19 +303,10 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     import asyncio
 
     from trtpipe.bench import served_text
-    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
+    from trtpipe.bench.served_text import _protocol, offline_figures
 
-    texts = TEXTS[:3]
-    config = ServedTextConfig(
-        url=f"127.0.0.1:{server.server.http_port}",
-        model="minilm",
-        texts=texts,
-        engine_dir=minilm_serving_engine,
-        concurrency=[1],
-        max_requests=6,
-        c1_runs=1,
-        offline_runs=1,
-        threads=1,
+    config = small_bench(
+        server, minilm_serving_engine, texts=TEXTS[:3], concurrency=[1], max_requests=6, c1_runs=1
     )
     offline = offline_figures(config)
     offline.vectors = np.roll(offline.vectors, 1, axis=0)  # every reference now another text's
@@ -318,20 +323,17 @@ def test_a_grpc_port_nobody_answers_on_is_one_clear_error(
     traceback out of the client."""
     if grpc_client == "zttp":
         pytest.importorskip("zttp", reason="the bench's gRPC channel needs zttp (Python 3.11+)")
-    from trtpipe.bench.served_text import ServedTextConfig, _protocol, offline_figures
+    from trtpipe.bench.served_text import _protocol, offline_figures
     from trtpipe.errors import InputError
 
-    config = ServedTextConfig(
-        url=f"127.0.0.1:{server.server.http_port}",
+    config = small_bench(
+        server,
+        minilm_serving_engine,
         grpc_url="127.0.0.1:1",  # nothing listens on port 1
         grpc_client=grpc_client,
-        model="minilm",
         texts=TEXTS[:2],
-        engine_dir=minilm_serving_engine,
         concurrency=[4],
         max_requests=4,
-        offline_runs=1,
-        threads=1,
     )
     offline = offline_figures(config)
     with pytest.raises(InputError, match=r"the first requests to 127.0.0.1:1 failed: "):
@@ -361,7 +363,7 @@ def test_c1_direct_calls_run_on_the_offline_engine_when_its_threads_match(
     overhead's direct calls run on it: a large engine is not loaded a second time per protocol.
     Where its threads differ, a copy with the server's threads is loaded, as before."""
     from trtpipe.bench import served_text
-    from trtpipe.bench.served_text import ServedTextConfig, _offline_engine, _protocol
+    from trtpipe.bench.served_text import _offline_engine, _protocol
 
     loads: list[int] = []
     real = served_text.direct_batch1
@@ -371,18 +373,15 @@ def test_c1_direct_calls_run_on_the_offline_engine_when_its_threads_match(
         return real(engine_dir, ids, pad_id, threads)
 
     monkeypatch.setattr(served_text, "direct_batch1", counting)
-    config = ServedTextConfig(
-        url=f"127.0.0.1:{server.server.http_port}",
-        model="minilm",
+    config = small_bench(
+        server,
+        minilm_serving_engine,
         texts=TEXTS[:4],
-        engine_dir=minilm_serving_engine,
         concurrency=[1],
         max_requests=4,
         c1_runs=2,
         c1_direct_texts=4,
         c1_block=2,
-        offline_runs=1,
-        threads=1,
     )
     with _offline_engine(config) as (offline, _, batch1_seconds):
         shared = asyncio.run(_protocol("openai", config, offline, batch1_seconds))
