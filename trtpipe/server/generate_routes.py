@@ -146,12 +146,13 @@ def generate_router(
         }
     router.served = served  # type: ignore[attr-defined]  # the app drains and closes them
 
+    def missing_here(name: str) -> Exception:
+        return unknown_generation_model(name, sorted(served))
+
     def find(name: Any) -> ServedGeneration:
         model = served.get(str(name))
-        if model is None and missing is not None:
-            raise missing(str(name))
         if model is None:
-            raise unknown_generation_model(str(name), sorted(served))
+            raise (missing or missing_here)(str(name))
         return model  # type: ignore[no-any-return]
 
     def submit(

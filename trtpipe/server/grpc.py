@@ -91,7 +91,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if request.name:
                 models = [self.repository.describe(request.name, request.version)]
             else:
-                models = [*self.repository, *self.repository.generators.values()]
+                models = self.repository.every_model
             response = service_pb2.ModelStatisticsResponse()
             for model in models:
                 json_format.ParseDict(

@@ -185,7 +185,7 @@ def create_http_app(
             "draining": state.draining,
             "models": {
                 m.name: {"ready": m.ready, "devices": m.devices_status()}
-                for m in [*repository, *repository.generators.values()]
+                for m in repository.every_model
             },
         }
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -196,7 +196,7 @@ def create_http_app(
 
     @app.get("/v2/models/stats")
     async def all_stats() -> JSONResponse:
-        models = [*repository, *repository.generators.values()]
+        models = repository.every_model
         return JSONResponse({"model_stats": [m.statistics() for m in models]})
 
     @app.get("/v2/models/{name}/stats")

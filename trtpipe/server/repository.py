@@ -32,6 +32,14 @@ def unknown_model(name: str, hint: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"Request for unknown model: '{name}' is not found; {hint}")
 
 
+def not_loaded(name: str) -> ModelNotFoundError:
+    """A model in the repository that is not loaded (explicit model control)."""
+    return unknown_model(
+        name,
+        f"it is in the repository but not loaded (load it: POST /v2/repository/models/{name}/load)",
+    )
+
+
 class ModelRepository(ModelControl):
     """Name -> served model; starts and stops them together.
 
@@ -95,11 +103,7 @@ class ModelRepository(ModelControl):
                 f"/v2/models/{name}/generate, /v2/models/{name}/generate_stream or /v1/completions"
             )
         if model is None and name in self.available:
-            raise unknown_model(
-                name,
-                f"it is in the repository but not loaded (load it: POST "
-                f"/v2/repository/models/{name}/load)",
-            )
+            raise not_loaded(name)
         if model is None:
             raise unknown_model(name, f"this server serves {self.names}")
         if version not in (None, "", model.version):
@@ -119,11 +123,7 @@ class ModelRepository(ModelControl):
                 f"/v2/models/{name}/infer or /v1/embeddings"
             )
         if name in self.available:
-            return unknown_model(
-                name,
-                f"it is in the repository but not loaded (load it: POST "
-                f"/v2/repository/models/{name}/load)",
-            )
+            return not_loaded(name)
         return unknown_generation_model(name, sorted(self.generators))
 
     def describe(self, name: str, version: str | None = None) -> Any:
@@ -141,6 +141,12 @@ class ModelRepository(ModelControl):
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(list(self.models.values()))  # a load/unload may change the dict meanwhile
+
+    @property
+    def every_model(self) -> list[Any]:
+        """Every served model: tensor models, then text-generation engines (their statistics
+        and readiness documents list both)."""
+        return [*self, *self.generators.values()]
 
     @property
     def names(self) -> list[str]:
