@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -166,6 +167,26 @@ def test_explicit_mode_starts_with_the_named_models(explicit: ServerThread):
     x = np.ones((2, 4), np.float32)
     with pytest.raises(InferenceServerException, match="Request for unknown model: 'beta'"):
         http_infer(http, "beta", x)
+
+
+def test_a_generation_route_naming_an_unloaded_tensor_model_says_it_cannot_generate(
+    explicit: ServerThread,
+) -> None:
+    """Loading beta would not make it generate: the 404 says what it takes instead, and how to
+    load it, rather than only how to load it (as for an unloaded decoder)."""
+    url = f"http://127.0.0.1:{explicit.server.http_port}"
+    assert "beta" not in explicit.server.repository.models
+    for path, body in [
+        ("/v1/completions", {"model": "beta", "prompt": "Hello"}),
+        ("/v2/models/beta/generate", {"text_input": "Hello"}),
+    ]:
+        reply = httpx.post(url + path, json=body, timeout=30)
+        assert reply.status_code == 404, (path, reply.text)
+        assert "model 'beta' is not a text-generation engine, and it is not loaded" in reply.text
+        assert "/v2/models/beta/infer" in reply.text
+        assert "/v2/repository/models/beta/load" in reply.text
+    unknown = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "Hi"})
+    assert unknown.status_code == 404 and "not a text-generation engine" not in unknown.text
 
 
 def test_load_and_unload_over_http_and_grpc(explicit: ServerThread):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trtpipe.engine import EngineDir
-from trtpipe.errors import InputError
+from trtpipe.errors import InputError, TrtpipeError
 from trtpipe.server.config import PoolFactory, ServeConfig, default_pool_factory
 from trtpipe.server.errors import ModelNotFoundError, unknown_generation_model
 from trtpipe.server.model_control import ModelControl, startup_models
@@ -117,14 +117,28 @@ class ModelRepository(ModelControl):
         """Why a generate or completions request naming ``name`` finds no generation model:
         an embedding or tensor model, one in the repository but not loaded, or none at all
         (404 each, as a tensor request naming a generation model gets)."""
+        cannot = f"model {name!r} is not a text-generation engine"
+        use = f"use POST /v2/models/{name}/infer or /v1/embeddings"
         if name in self.models:
+            return ModelNotFoundError(f"{cannot}: {use}")
+        if name in self.available and self._decoder_on_disk(name) is False:
             return ModelNotFoundError(
-                f"model {name!r} is not a text-generation engine: use POST "
-                f"/v2/models/{name}/infer or /v1/embeddings"
+                f"{cannot}, and it is not loaded: {use} once it is loaded "
+                f"(POST /v2/repository/models/{name}/load)"
             )
         if name in self.available:
             return not_loaded(name)
         return unknown_generation_model(name, sorted(self.generators))
+
+    def _decoder_on_disk(self, name: str) -> bool | None:
+        """Whether an unloaded model's engine is a decoder, from its manifest (read only on this
+        error path); None where the manifest cannot be read."""
+        from trtpipe.generation.kv_cache import is_decoder
+
+        try:
+            return is_decoder(EngineDir(self.available[name]).manifest.inputs)
+        except (TrtpipeError, OSError):  # removed or broken since startup: the plain hint will do
+            return None
 
     def describe(self, name: str, version: str | None = None) -> Any:
         """The model for the metadata, ready, config and stats documents: a tensor model or a
