@@ -47,6 +47,14 @@ def small_bench(server: ServerThread, engine: Path, **fields: Any) -> Any:
     )
 
 
+def offline_figures(config: Any) -> Any:
+    """The bench's offline figures for ``config`` alone (the engine closed again at once)."""
+    from trtpipe.bench.served_text import _offline_engine
+
+    with _offline_engine(config) as (offline, _, _):
+        return offline
+
+
 def test_one_tokenizer_call_gives_what_per_text_tokenization_gives(
     minilm_serving_engine: Path,
 ) -> None:
@@ -303,7 +311,7 @@ def test_wrong_replies_are_counted(server: ServerThread, minilm_serving_engine: 
     import asyncio
 
     from trtpipe.bench import served_text
-    from trtpipe.bench.served_text import _protocol, offline_figures
+    from trtpipe.bench.served_text import _protocol
 
     config = small_bench(
         server, minilm_serving_engine, texts=TEXTS[:3], concurrency=[1], max_requests=6, c1_runs=1
@@ -323,7 +331,7 @@ def test_a_grpc_port_nobody_answers_on_is_one_clear_error(
     traceback out of the client."""
     if grpc_client == "zttp":
         pytest.importorskip("zttp", reason="the bench's gRPC channel needs zttp (Python 3.11+)")
-    from trtpipe.bench.served_text import _protocol, offline_figures
+    from trtpipe.bench.served_text import _protocol
     from trtpipe.errors import InputError
 
     config = small_bench(

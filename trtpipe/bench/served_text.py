@@ -69,12 +69,6 @@ def _offline_engine(
     )
 
 
-def offline_figures(config: ServedTextConfig) -> Offline:
-    """Sorted and arrival-order real-text throughput, batch-1 latency, reference vectors."""
-    with _offline_engine(config) as (offline, _, _):
-        return offline
-
-
 def lone_launch_threads(stats: dict[str, Any]) -> int | None:
     """Intra-op threads a lone launch of the server's first CPU worker runs with, from its
     statistics document (``alone_threads``: workers sharing a wide session run a c1 request
