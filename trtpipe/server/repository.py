@@ -115,8 +115,9 @@ class ModelRepository(ModelControl):
 
     def missing_generation(self, name: str) -> ModelNotFoundError:
         """Why a generate or completions request naming ``name`` finds no generation model:
-        an embedding or tensor model, one in the repository but not loaded, or none at all
-        (404 each, as a tensor request naming a generation model gets)."""
+        an embedding or tensor model (loaded or not: loading it would not help), a decoder in
+        the repository but not loaded, or none at all (404 each, as a tensor request naming a
+        generation model gets)."""
         cannot = f"model {name!r} is not a text-generation engine"
         use = f"use POST /v2/models/{name}/infer or /v1/embeddings"
         if name in self.models:
