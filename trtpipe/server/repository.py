@@ -32,11 +32,15 @@ def unknown_model(name: str, hint: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"Request for unknown model: '{name}' is not found; {hint}")
 
 
+def load_request(name: str) -> str:
+    """The request that loads ``name`` (explicit model control), as the errors name it."""
+    return f"POST /v2/repository/models/{name}/load"
+
+
 def not_loaded(name: str) -> ModelNotFoundError:
     """A model in the repository that is not loaded (explicit model control)."""
     return unknown_model(
-        name,
-        f"it is in the repository but not loaded (load it: POST /v2/repository/models/{name}/load)",
+        name, f"it is in the repository but not loaded (load it: {load_request(name)})"
     )
 
 
@@ -124,8 +128,7 @@ class ModelRepository(ModelControl):
             return ModelNotFoundError(f"{cannot}: {use}")
         if name in self.available and self._decoder_on_disk(name) is False:
             return ModelNotFoundError(
-                f"{cannot}, and it is not loaded: {use} once it is loaded "
-                f"(POST /v2/repository/models/{name}/load)"
+                f"{cannot}, and it is not loaded: {use} once it is loaded ({load_request(name)})"
             )
         if name in self.available:
             return not_loaded(name)
